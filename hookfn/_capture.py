@@ -1,0 +1,255 @@
+"""`Capture`: the immutable record of what one layer saw during a run."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from ._errors import CaptureError
+
+__all__ = ["Capture", "Args", "primary"]
+
+
+class Args:
+    """Positional and keyword arguments: of one call of a module, or for calling a model.
+
+    ``run_with_hooks(model, Args(ids, attention_mask=mask), spec)`` calls
+    ``model(ids, attention_mask=mask)``; a capture's ``.raw_input`` is an `Args` too.
+
+    Examples:
+        >>> a = Args(1, 2, scale=3)
+        >>> a.args, dict(a.kwargs)
+        ((1, 2), {'scale': 3})
+    """
+
+    __slots__ = ("args", "kwargs")
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+
+    def __init__(self, /, *args: Any, **kwargs: Any) -> None:
+        object.__setattr__(self, "args", args)
+        object.__setattr__(self, "kwargs", kwargs)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Args is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Args)
+            and self.args == other.args
+            and dict(self.kwargs) == dict(other.kwargs)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        items = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"Args({', '.join(items)})"
+
+
+def primary(value: object) -> Tensor | None:
+    """The *primary tensor* of a module's output or input: the one rule for structures.
+
+    - a tensor is its own primary tensor;
+    - a tuple or list: its first element, if that is a tensor (attention modules return
+      ``(out, weights)``);
+    - a mapping or a transformers ``ModelOutput``: its first value, if that is a tensor
+      (``last_hidden_state``, ``logits``);
+    - `Args`: the first positional argument, else the first keyword argument, by the same
+      rule.
+
+    Captures expose the primary tensor as ``.output`` / ``.input`` and edits receive it; the
+    whole structure stays reachable as ``.raw_output`` / ``.raw_input``.
+
+    Examples:
+        >>> import torch
+        >>> out = torch.ones(2, 3)
+        >>> primary((out, None)) is out, primary(out) is out
+        (True, True)
+    """
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        first = value[0] if value else None
+        return first if isinstance(first, Tensor) else None
+    if isinstance(value, Args):
+        if value.args:
+            return primary(value.args[0])
+        for item in value.kwargs.values():
+            return primary(item)
+        return None
+    if isinstance(value, Mapping):
+        for item in value.values():
+            return item if isinstance(item, Tensor) else None
+    return None
+
+
+def _one(name: str, what: str, values: tuple[Any, ...], plural: str, hint: str) -> Any:
+    if len(values) == 1:
+        return values[0]
+    if not values:
+        raise CaptureError(f"layer {name!r} recorded no {what}: {hint}")
+    raise CaptureError(
+        f"layer {name!r} was called {len(values)} times in this run, so its {what} is "
+        f"ambiguous; use .{plural}[i] for call i (e.g. .{plural}[-1] for the last) or "
+        f"torch.stack(capture.{plural})."
+    )
+
+
+def _primary_of(name: str, what: str, value: object) -> Tensor:
+    tensor = primary(value)
+    if tensor is None:
+        raise CaptureError(
+            f"the {what} of layer {name!r} is a {type(value).__name__} with no primary "
+            f"tensor; read .raw_{what} for the whole value."
+        )
+    return tensor
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """What one layer recorded during a run: one entry per call of the module.
+
+    A capture is an immutable value and a pytree node, so it can be returned through
+    `torch.func` transforms. The singular accessors (``.output``, ``.input``,
+    ``.grad_output``, ``.grad_input``) give the primary tensor of the only call and raise a
+    `CaptureError` when the module ran more or fewer than once; the plural ones give every
+    call in order.
+
+    Attributes:
+        name: The layer name.
+        raw_outputs: What the module returned in each call (after the edit, if any).
+        raw_inputs: The arguments of each call (after the input edit, if any).
+        grad_outputs: The gradient with respect to each call's primary output tensor.
+        grad_inputs: The gradient with respect to each call's primary input tensor.
+
+    Examples:
+        >>> import torch
+        >>> from hookfn import run_with_hooks
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+        >>> _, caches = run_with_hooks(model, torch.randn(2, 4), ["0"])
+        >>> caches["0"].output.shape, caches["0"].n_calls
+        (torch.Size([2, 3]), 1)
+    """
+
+    name: str
+    raw_outputs: tuple[Any, ...] = ()
+    raw_inputs: tuple[Args, ...] = ()
+    grad_outputs: tuple[Tensor | None, ...] = ()
+    grad_inputs: tuple[Tensor | None, ...] = ()
+
+    @property
+    def n_calls(self) -> int:
+        """How many calls of the module were recorded."""
+        return max(len(self.raw_outputs), len(self.raw_inputs))
+
+    @property
+    def raw_output(self) -> Any:
+        """The whole output of the only call, as the module returned it."""
+        return _one(self.name, "output", self.raw_outputs, "raw_outputs", _NO_OUTPUT)
+
+    @property
+    def outputs(self) -> tuple[Tensor, ...]:
+        """The primary output tensor of every call, in call order."""
+        return tuple(_primary_of(self.name, "output", v) for v in self.raw_outputs)
+
+    @property
+    def output(self) -> Tensor:
+        """The primary output tensor of the only call (see `primary`)."""
+        return _primary_of(self.name, "output", self.raw_output)
+
+    @property
+    def raw_input(self) -> Args:
+        """The positional and keyword arguments of the only call."""
+        return _one(self.name, "input", self.raw_inputs, "raw_inputs", _NO_INPUT)  # type: ignore[no-any-return]
+
+    @property
+    def inputs(self) -> tuple[Tensor, ...]:
+        """The primary input tensor of every call, in call order."""
+        return tuple(_primary_of(self.name, "input", v) for v in self.raw_inputs)
+
+    @property
+    def input(self) -> Tensor:
+        """The primary input tensor of the only call: its first argument."""
+        return _primary_of(self.name, "input", self.raw_input)
+
+    @property
+    def grad_output(self) -> Tensor:
+        """The gradient with respect to the primary output of the only call."""
+        grad = _one(self.name, "grad_output", self.grad_outputs, "grad_outputs", _NO_GRAD)
+        if grad is None:
+            raise CaptureError(f"layer {self.name!r}: {_NO_GRAD}")
+        return grad  # type: ignore[no-any-return]
+
+    @property
+    def grad_input(self) -> Tensor:
+        """The gradient with respect to the primary input of the only call."""
+        grad = _one(self.name, "grad_input", self.grad_inputs, "grad_inputs", _NO_GRAD)
+        if grad is None:
+            raise CaptureError(f"layer {self.name!r}: {_NO_GRAD}")
+        return grad  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        parts = [repr(self.name), f"calls={self.n_calls}"]
+        if self.raw_outputs:
+            parts.append(f"output={_describe(self.raw_outputs[-1])}")
+        if self.raw_inputs:
+            parts.append(f"input={_describe(self.raw_inputs[-1])}")
+        if any(g is not None for g in self.grad_outputs):
+            parts.append("grad_output")
+        if any(g is not None for g in self.grad_inputs):
+            parts.append("grad_input")
+        return f"Capture({', '.join(parts)})"
+
+
+_NO_OUTPUT = (
+    "either its output was not captured (pass retain_output=True / Hook(output=True)) or the "
+    "module was not called during the run."
+)
+_NO_INPUT = (
+    "either its input was not captured (pass retain_input=True / Hook(input=True)) or the "
+    "module was not called during the run."
+)
+_NO_GRAD = (
+    "no gradient was recorded; ask for it with Hook(grad=True) and run a backward pass "
+    "through the layer's output (e.g. run_with_hooks(..., backward=metric))."
+)
+
+
+def _describe(value: object) -> str:
+    tensor = primary(value)
+    if tensor is None:
+        return type(value).__name__
+    text = f"{tuple(tensor.shape)}"
+    return text if isinstance(value, Tensor) else f"{type(value).__name__}[{text}, ...]"
+
+
+def _flatten(capture: Capture) -> tuple[list[Any], str]:
+    children = [capture.raw_outputs, capture.raw_inputs, capture.grad_outputs, capture.grad_inputs]
+    return children, capture.name
+
+
+def _unflatten(children: Any, name: Any) -> Capture:
+    raw_outputs, raw_inputs, grad_outputs, grad_inputs = children
+    return Capture(
+        name, tuple(raw_outputs), tuple(raw_inputs), tuple(grad_outputs), tuple(grad_inputs)
+    )
+
+
+def _flatten_inputs(inputs: Args) -> tuple[list[Any], None]:
+    return [inputs.args, dict(inputs.kwargs)], None
+
+
+def _unflatten_inputs(children: Any, context: Any) -> Args:
+    args, kwargs = children
+    return Args(*args, **kwargs)
+
+
+pytree.register_pytree_node(Capture, _flatten, _unflatten, serialized_type_name="hookfn.Capture")
+pytree.register_pytree_node(
+    Args, _flatten_inputs, _unflatten_inputs, serialized_type_name="hookfn.Args"
+)

@@ -1,0 +1,203 @@
+"""`Hook`: the one frozen record every spec value is normalized into."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from typing_extensions import TypeAlias
+
+from ._edits import Edit, EditLike, as_edit
+from ._errors import SpecError
+
+__all__ = ["Hook", "SpecValue", "to_hook"]
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """What to do at one layer: what to capture, which edits to apply, capture options.
+
+    Every spec value becomes a `Hook` once, before anything is registered. ``"capture"`` is
+    ``Hook()``; an edit ``e`` is ``Hook(e)``; the DeepHook tuple
+    ``(retain_output, retain_input, edit_fn)`` is
+    ``Hook(edit_fn, output=retain_output, input=retain_input)``.
+
+    Captures record the value *after* the edit at the same place, i.e. what the rest of the
+    computation sees (for gradients: what flows on into the module).
+
+    Args:
+        edit: Edit of the module's primary output tensor.
+        output: Capture the output.
+        input: Capture the input (all positional and keyword arguments).
+        grad: Capture the gradient with respect to the primary output tensor.
+        grad_input: Capture the gradient with respect to the primary input tensor.
+        edit_input: Edit of the primary input tensor, before the module runs.
+        edit_grad: Edit of the gradient flowing back into the module's output.
+        detach: Captured tensors are detached from the autograd graph.
+        clone: Captured tensors are copies, safe from later in-place operations of the
+            model. ``clone=False`` stores references: cheaper, but an in-place op that
+            follows the module (``ReLU(inplace=True)``) changes what was captured.
+        device: Move captured tensors to this device as they are taken (e.g. ``"cpu"``).
+        dtype: Cast captured floating-point tensors to this dtype as they are taken.
+
+    Examples:
+        >>> from hookfn import Hook, add
+        >>> Hook(add(1.0), input=True)
+        Hook(edit=add(1.0), input=True)
+    """
+
+    edit: Edit | None = None
+    output: bool = field(default=True, kw_only=True)
+    input: bool = field(default=False, kw_only=True)
+    grad: bool = field(default=False, kw_only=True)
+    grad_input: bool = field(default=False, kw_only=True)
+    edit_input: Edit | None = field(default=None, kw_only=True)
+    edit_grad: Edit | None = field(default=None, kw_only=True)
+    detach: bool = field(default=True, kw_only=True)
+    clone: bool = field(default=True, kw_only=True)
+    device: torch.device | None = field(default=None, kw_only=True)
+    dtype: torch.dtype | None = field(default=None, kw_only=True)
+
+    def __init__(
+        self,
+        edit: EditLike | None = None,
+        *,
+        output: bool = True,
+        input: bool = False,
+        grad: bool = False,
+        grad_input: bool = False,
+        edit_input: EditLike | None = None,
+        edit_grad: EditLike | None = None,
+        detach: bool = True,
+        clone: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        for flag_name, flag in (
+            ("output", output),
+            ("input", input),
+            ("grad", grad),
+            ("grad_input", grad_input),
+            ("detach", detach),
+            ("clone", clone),
+        ):
+            if not isinstance(flag, bool):
+                raise SpecError(f"Hook({flag_name}=...) takes True or False, got {flag!r}.")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise SpecError(f"Hook(dtype=...) takes a torch.dtype, got {dtype!r}.")
+        setattr_ = object.__setattr__
+        setattr_(self, "edit", None if edit is None else as_edit(edit, where="Hook(edit=...)"))
+        setattr_(self, "output", output)
+        setattr_(self, "input", input)
+        setattr_(self, "grad", grad)
+        setattr_(self, "grad_input", grad_input)
+        setattr_(
+            self,
+            "edit_input",
+            None if edit_input is None else as_edit(edit_input, where="Hook(edit_input=...)"),
+        )
+        setattr_(
+            self,
+            "edit_grad",
+            None if edit_grad is None else as_edit(edit_grad, where="Hook(edit_grad=...)"),
+        )
+        setattr_(self, "detach", detach)
+        setattr_(self, "clone", clone)
+        setattr_(self, "device", None if device is None else torch.device(device))
+        setattr_(self, "dtype", dtype)
+
+    def __repr__(self) -> str:
+        parts = []
+        if self.edit is not None:
+            parts.append(f"edit={self.edit!r}")
+        for name in _FIELDS:
+            value = getattr(self, name)
+            if value != _DEFAULTS[name]:
+                parts.append(f"{name}={value!r}")
+        return f"Hook({', '.join(parts)})"
+
+    @property
+    def captures_forward(self) -> bool:
+        """Whether the hook records anything during the forward pass."""
+        return self.output or self.input
+
+    @property
+    def needs_pre_hook(self) -> bool:
+        """Whether a forward pre-hook is needed (input capture, edit or gradient)."""
+        return self.input or self.edit_input is not None or self.grad_input
+
+    @property
+    def needs_forward_hook(self) -> bool:
+        """Whether a forward hook is needed (output capture, edit or gradient)."""
+        return self.output or self.edit is not None or self.grad or self.edit_grad is not None
+
+
+_FIELDS = (
+    "output",
+    "input",
+    "grad",
+    "grad_input",
+    "edit_input",
+    "edit_grad",
+    "detach",
+    "clone",
+    "device",
+    "dtype",
+)
+_DEFAULTS: dict[str, Any] = {
+    "output": True,
+    "input": False,
+    "grad": False,
+    "grad_input": False,
+    "edit_input": None,
+    "edit_grad": None,
+    "detach": True,
+    "clone": True,
+    "device": None,
+    "dtype": None,
+}
+
+SpecValue: TypeAlias = Union[
+    Hook, str, tuple[bool, bool, Union[Callable[..., Any], None]], EditLike
+]
+"""A spec value: a `Hook`, ``"capture"``, a DeepHook tuple, or an edit."""
+
+_CAPTURE = Hook()
+
+_ACCEPTED = (
+    "accepted values: 'capture'; an edit such as add(1.0) or a callable f(x) / f(x, site); "
+    "the DeepHook tuple (retain_output, retain_input, edit_fn or None); or "
+    "Hook(edit, output=..., input=..., grad=..., ...)"
+)
+
+
+def to_hook(value: object, key: str) -> Hook:
+    """Normalize one spec value into a `Hook`.
+
+    Raises:
+        SpecError: The value is none of the accepted forms; the message names the key.
+    """
+    if isinstance(value, Hook):
+        return value
+    if isinstance(value, str):
+        if value == "capture":
+            return _CAPTURE
+        raise SpecError(f"spec[{key!r}] = {value!r} is not understood; {_ACCEPTED}.")
+    if isinstance(value, tuple):
+        if (
+            len(value) == 3
+            and isinstance(value[0], bool)
+            and isinstance(value[1], bool)
+            and (value[2] is None or callable(value[2]))
+        ):
+            retain_output, retain_input, edit = value
+            return Hook(edit, output=retain_output, input=retain_input)
+        raise SpecError(
+            f"spec[{key!r}] = {value!r}: a tuple must be the DeepHook triple "
+            f"(retain_output: bool, retain_input: bool, edit_fn or None); {_ACCEPTED}."
+        )
+    if isinstance(value, Edit) or callable(value):
+        return Hook(as_edit(value, where=f"spec[{key!r}]"))
+    raise SpecError(f"spec[{key!r}] = {value!r} ({type(value).__name__}); {_ACCEPTED}.")
