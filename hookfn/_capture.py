@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
@@ -38,17 +39,63 @@ class Args:
         raise AttributeError("Args is immutable")
 
     def __eq__(self, other: object) -> bool:
+        # Tensors compare by value (torch.equal), so two calls with equal inputs are equal.
+        if not isinstance(other, Args):
+            return NotImplemented
         return (
-            isinstance(other, Args)
-            and self.args == other.args
-            and dict(self.kwargs) == dict(other.kwargs)
+            _tree_equal(self.args, other.args)
+            and self.kwargs.keys() == other.kwargs.keys()
+            and all(_tree_equal(v, other.kwargs[k]) for k, v in self.kwargs.items())
         )
 
     __hash__ = None  # type: ignore[assignment]
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt through the constructor (the default would set the slots one by one), so
+        # that captures can be pickled, deep-copied and saved with torch.save.
+        return (_rebuild_args, (self.args, dict(self.kwargs)))
+
     def __repr__(self) -> str:
         items = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
         return f"Args({', '.join(items)})"
+
+
+def _rebuild_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Args:
+    return Args(*args, **kwargs)
+
+
+def _tree_equal(a: object, b: object) -> bool:
+    """Structural equality in which tensors compare by shape, dtype, device and value."""
+    if a is b:
+        return True
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        if x is y:
+            continue
+        if isinstance(x, Tensor) or isinstance(y, Tensor):
+            if not (
+                isinstance(x, Tensor)
+                and isinstance(y, Tensor)
+                and x.shape == y.shape
+                and x.dtype == y.dtype
+                and x.device == y.device
+                and torch.equal(x, y)
+            ):
+                return False
+            continue
+        if isinstance(x, Args) and isinstance(y, Args):
+            if x != y:
+                return False
+            continue
+        try:
+            if not bool(x == y):
+                return False
+        except (TypeError, ValueError, RuntimeError):
+            return False
+    return True
 
 
 def primary(value: object) -> Tensor | None:
@@ -110,7 +157,7 @@ def _primary_of(name: str, what: str, value: object) -> Tensor:
     return tensor
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Capture:
     """What one layer recorded during a run: one entry per call of the module.
 
@@ -118,7 +165,9 @@ class Capture:
     `torch.func` transforms. The singular accessors (``.output``, ``.input``,
     ``.grad_output``, ``.grad_input``) give the primary tensor of the only call and raise a
     `CaptureError` when the module ran more or fewer than once; the plural ones give every
-    call in order.
+    call in order. Two captures are equal when they hold the same name and structure and
+    their tensors are equal (`torch.equal`); like the tensors they hold, they are not
+    hashable.
 
     Attributes:
         name: The layer name.
@@ -141,6 +190,22 @@ class Capture:
     raw_inputs: tuple[Args, ...] = ()
     grad_outputs: tuple[Tensor | None, ...] = ()
     grad_inputs: tuple[Tensor | None, ...] = ()
+    # Which leaves are pytree children, for a capture rebuilt by `_unflatten` (see there).
+    _layout: Any = field(default=None, init=False, repr=False, compare=False)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Capture):
+            return NotImplemented
+        return (
+            self.name == other.name
+            and _tree_equal(self.raw_outputs, other.raw_outputs)
+            and len(self.raw_inputs) == len(other.raw_inputs)
+            and all(a == b for a, b in zip(self.raw_inputs, other.raw_inputs, strict=True))
+            and _tree_equal(self.grad_outputs, other.grad_outputs)
+            and _tree_equal(self.grad_inputs, other.grad_inputs)
+        )
 
     @property
     def n_calls(self) -> int:
@@ -160,7 +225,8 @@ class Capture:
     @property
     def output(self) -> Tensor:
         """The primary output tensor of the only call (see `primary`)."""
-        return _primary_of(self.name, "output", self.raw_output)
+        raw = _one(self.name, "output", self.raw_outputs, "outputs", _NO_OUTPUT)
+        return _primary_of(self.name, "output", raw)
 
     @property
     def raw_input(self) -> Args:
@@ -175,7 +241,8 @@ class Capture:
     @property
     def input(self) -> Tensor:
         """The primary input tensor of the only call: its first argument."""
-        return _primary_of(self.name, "input", self.raw_input)
+        raw = _one(self.name, "input", self.raw_inputs, "inputs", _NO_INPUT)
+        return _primary_of(self.name, "input", raw)
 
     @property
     def grad_output(self) -> Tensor:
@@ -228,16 +295,47 @@ def _describe(value: object) -> str:
     return text if isinstance(value, Tensor) else f"{type(value).__name__}[{text}, ...]"
 
 
-def _flatten(capture: Capture) -> tuple[list[Any], str]:
-    children = [capture.raw_outputs, capture.raw_inputs, capture.grad_outputs, capture.grad_inputs]
-    return children, capture.name
+class _TensorSlot:
+    """Marks where a tensor goes back when a flattened `Capture` is rebuilt."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<tensor>"
 
 
-def _unflatten(children: Any, name: Any) -> Capture:
-    raw_outputs, raw_inputs, grad_outputs, grad_inputs = children
-    return Capture(
+_TENSOR_SLOT = _TensorSlot()
+
+
+def _flatten(capture: Capture) -> tuple[list[Any], tuple[Any, ...]]:
+    # Only tensors are children. Everything else a capture holds (a ``None`` weight slot of an
+    # attention output, absent gradients, keyword flags, cache objects) travels in the
+    # context, because torch.func transforms (vmap, grad's aux) accept tensor leaves only.
+    # A capture rebuilt from children of another kind (pytree utilities unflatten with
+    # placeholders, e.g. vmap's out_dims) keeps the layout it was rebuilt with.
+    fields = (capture.raw_outputs, capture.raw_inputs, capture.grad_outputs, capture.grad_inputs)
+    leaves, spec = pytree.tree_flatten(fields)
+    layout = capture._layout
+    if layout is not None and layout[0] == spec:
+        is_child = layout[1]
+    else:
+        is_child = tuple(isinstance(leaf, Tensor) for leaf in leaves)
+    pairs = list(zip(leaves, is_child, strict=True))
+    children = [leaf for leaf, child in pairs if child]
+    others = tuple(_TENSOR_SLOT if child else leaf for leaf, child in pairs)
+    return children, (capture.name, spec, others)
+
+
+def _unflatten(children: Any, context: Any) -> Capture:
+    name, spec, others = context
+    values = iter(children)
+    leaves = [next(values) if leaf is _TENSOR_SLOT else leaf for leaf in others]
+    raw_outputs, raw_inputs, grad_outputs, grad_inputs = pytree.tree_unflatten(leaves, spec)
+    capture = Capture(
         name, tuple(raw_outputs), tuple(raw_inputs), tuple(grad_outputs), tuple(grad_inputs)
     )
+    object.__setattr__(capture, "_layout", (spec, tuple(o is _TENSOR_SLOT for o in others)))
+    return capture
 
 
 def _flatten_inputs(inputs: Args) -> tuple[list[Any], None]:

@@ -12,6 +12,9 @@ __all__ = ["Site", "SiteKind"]
 SiteKind: TypeAlias = Literal["output", "input", "grad_output", "grad_input"]
 
 
+_READ_ONLY = frozenset({"call", "kind", "module"})
+
+
 class Site(str):
     """Where an edit runs: the layer name, which call of the module, and what is edited.
 
@@ -26,6 +29,8 @@ class Site(str):
             ``"grad_input"``.
         module: The module itself (read it, never change it).
 
+    ``call``, ``kind`` and ``module`` are read-only.
+
     Examples:
         >>> from torch import nn
         >>> site = Site("encoder.0", call=1, kind="output", module=nn.Identity())
@@ -39,10 +44,21 @@ class Site(str):
 
     def __new__(cls, name: str, *, call: int, kind: SiteKind, module: nn.Module) -> Self:
         self = super().__new__(cls, name)
-        self.call = call
-        self.kind = kind
-        self.module = module
+        set_ = object.__setattr__
+        set_(self, "call", call)
+        set_(self, "kind", kind)
+        set_(self, "module", module)
         return self
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _READ_ONLY:
+            raise AttributeError(f"Site.{name} is read-only")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in _READ_ONLY:
+            raise AttributeError(f"Site.{name} is read-only")
+        object.__delattr__(self, name)
 
     @property
     def name(self) -> str:

@@ -18,12 +18,34 @@ __all__ = ["ModelIndex", "Resolved", "index_of", "resolve_key", "unwrap"]
 # Wrappers whose child is the model users think of, with the prefix they add to names.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
+_MODULE_GETATTR = nn.Module.__getattr__
+_OBJECT_GETATTRIBUTE = object.__getattribute__
+
+
+def _lacks(module: nn.Module, name: str) -> bool:
+    """Whether ``getattr(module, name)`` surely raises (without raising and catching it).
+
+    True only where attribute lookup ends in `nn.Module.__getattr__` and none of the places
+    it and the normal lookup search holds ``name``; any doubt answers False.
+    """
+    cls = type(module)
+    state = module.__dict__
+    return (
+        cls.__getattribute__ is _OBJECT_GETATTRIBUTE
+        and cls.__getattr__ is _MODULE_GETATTR
+        and name not in state
+        and not hasattr(cls, name)
+        and name not in state.get("_parameters", ())
+        and name not in state.get("_buffers", ())
+        and name not in state.get("_modules", ())
+    )
+
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     """Strip `torch.compile`, DataParallel and DDP wrappers; return the inner model and prefix."""
     prefix = ""
     while True:
-        inner = getattr(model, "_orig_mod", None)
+        inner = None if _lacks(model, "_orig_mod") else getattr(model, "_orig_mod", None)
         if isinstance(inner, nn.Module):
             prefix += "_orig_mod."
             model = inner
@@ -72,12 +94,42 @@ def index_of(model: nn.Module, *, fresh: bool = False) -> ModelIndex:
 
 
 def _is_glob(key: str) -> bool:
-    return any(ch in key for ch in "*?[")
+    return "*" in key or "?" in key or "[" in key
+
+
+def _submodule(inner: nn.Module, inner_key: str) -> nn.Module | None:
+    """``inner.get_submodule(inner_key)``, or None where it raises.
+
+    Fast path: follow the registered children (``_modules``) wherever that finds what
+    ``getattr`` would find, i.e. no instance or class attribute of the same name shadows the
+    child and the class keeps ``nn.Module.__getattr__``; anything else takes the slow path.
+    """
+    module = inner
+    try:
+        for part in inner_key.split(".") if inner_key else ():
+            cls = type(module)
+            child = module._modules.get(part)
+            if (
+                child is None
+                or cls.__getattr__ is not _MODULE_GETATTR
+                or part in module.__dict__
+                or hasattr(cls, part)
+            ):
+                raise AttributeError(part)
+            module = child
+        return module
+    except AttributeError:
+        pass
+    try:
+        return inner.get_submodule(inner_key)
+    except AttributeError:
+        return None
 
 
 @lru_cache(maxsize=256)
 def _glob_regex(pattern: str) -> re.Pattern[str]:
-    # '*' matches within one dotted segment, '**' any number of whole segments (zero too).
+    # '*' matches within one dotted segment, '**' any number of whole segments (zero too),
+    # '?' one character and '[...]' / '[!...]' one character of a set, never a dot.
     parts: list[str] = []
     segments = pattern.split(".")
     for i, segment in enumerate(segments):
@@ -85,16 +137,44 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
         if segment == "**":
             parts.append(r"(?:[^.]+)(?:\.[^.]+)*" if last else r"(?:[^.]+\.)*")
             continue
-        piece = ""
-        for ch in segment:
-            if ch == "*":
-                piece += r"[^.]*"
-            elif ch == "?":
-                piece += r"[^.]"
-            else:
-                piece += re.escape(ch)
+        piece = _segment_regex(segment)
         parts.append(piece if last else piece + r"\.")
     return re.compile("".join(parts) + r"\Z")
+
+
+def _segment_regex(segment: str) -> str:
+    piece = ""
+    i = 0
+    while i < len(segment):
+        ch = segment[i]
+        close = _class_end(segment, i) if ch == "[" else -1
+        if ch == "*":
+            piece += r"[^.]*"
+        elif ch == "?":
+            piece += r"[^.]"
+        elif close > 0:
+            negate = segment[i + 1] == "!"
+            members = segment[i + 2 if negate else i + 1 : close]
+            for special in "\\^[]":
+                members = members.replace(special, "\\" + special)
+            # A segment holds no '.', so only a negated set must be kept off the dot.
+            piece += f"[^.{members}]" if negate else f"[{members}]"
+            i = close
+        else:
+            piece += re.escape(ch)
+        i += 1
+    return piece
+
+
+def _class_end(segment: str, start: int) -> int:
+    """Index of the ']' closing the '[' at ``start`` (fnmatch rules), or -1 if none."""
+    i = start + 1
+    if i < len(segment) and segment[i] == "!":
+        i += 1
+    if i < len(segment) and segment[i] == "]":
+        i += 1  # a ']' first in the set is a member
+    close = segment.find("]", i)
+    return close
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,20 +187,63 @@ class Resolved:
     explicit: bool  # named exactly (or by object), as opposed to matched by a glob
 
 
-def _suggest(key: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(key, [n for n in names if n], n=5, cutoff=0.6)
+# Characters that look alike in most fonts and in typed-in names: O/0, l/1, I/1 (case folded).
+_CONFUSABLE = str.maketrans({"o": "0", "l": "1", "i": "1"})
+
+
+def _fold(text: str) -> str:
+    return text.lower().translate(_CONFUSABLE)
+
+
+def _closest(key: str, names: list[str], n: int = 5, cutoff: float = 0.6) -> list[str]:
+    """The ``n`` names most similar to ``key``, best first.
+
+    Similarity is measured on folded text (case and look-alike characters merged), so
+    ``"transformer.h.O"`` ranks ``"transformer.h.0"`` first; ties go to the exact-text
+    similarity, then to model order.
+    """
+    folded = _fold(key)
+    matcher = difflib.SequenceMatcher(None, b=folded)
+    scored: list[tuple[float, int, str]] = []
+    for position, name in enumerate(names):
+        if not name:
+            continue
+        matcher.set_seq1(_fold(name))
+        if matcher.real_quick_ratio() < cutoff or matcher.quick_ratio() < cutoff:
+            continue
+        score = matcher.ratio()
+        if score >= cutoff:
+            scored.append((-score, position, name))
+    scored.sort()
+    # Break ties on the exact text among the best few only (a second ratio for each is costly).
+    exact = difflib.SequenceMatcher(None, b=key)
+    best: list[tuple[float, float, int, str]] = []
+    for score, position, name in scored[: 4 * n]:
+        exact.set_seq1(name)
+        best.append((score, -exact.ratio(), position, name))
+    best.sort()
+    return [name for *_, name in best[:n]]
+
+
+def _suggest(key: str, names: list[str], prefix: str = "") -> str:
+    """The closest names to ``key``, written with the wrapper ``prefix`` the user used."""
+    close = _closest(key, names)
     if not close:
         # Fall back to names sharing the key's first segment, then to the top-level children.
         head = key.split(".", 1)[0]
         close = [n for n in names if n.split(".", 1)[0] == head][:5]
     if not close:
         close = [n for n in names if n and "." not in n][:5]
-    return ", ".join(repr(n) for n in close) if close else "(the model has no submodules)"
+    if not close:
+        return "(the model has no submodules)"
+    return ", ".join(repr(prefix + n) for n in close)
 
 
 def _strip_prefix(key: str, prefix: str) -> tuple[str, str]:
     """Split the wrapper prefix the user wrote off ``key``: (user_prefix, inner_key)."""
-    if prefix and key.startswith(prefix):
+    if not prefix:
+        return "", key  # no wrapper: nothing to strip
+    if key.startswith(prefix):
         return prefix, key[len(prefix) :]
     user = ""
     rest = key
@@ -128,10 +251,16 @@ def _strip_prefix(key: str, prefix: str) -> tuple[str, str]:
     while stripped:
         stripped = False
         for wrapper in _WRAPPER_PREFIXES:
-            if rest.startswith(wrapper) and wrapper in prefix:
+            if wrapper not in prefix:
+                continue
+            if rest.startswith(wrapper):
                 user += wrapper
                 rest = rest[len(wrapper) :]
                 stripped = True
+            elif rest == wrapper[:-1]:
+                # The wrapper's own entry in named_modules() ("module", "_orig_mod"): the
+                # inner model itself.
+                return user + rest, ""
     return user, rest
 
 
@@ -170,10 +299,7 @@ def resolve_key(model: nn.Module, inner: nn.Module, prefix: str, key: object) ->
         )
     user_prefix, inner_key = _strip_prefix(key, prefix)
     if not _is_glob(inner_key):
-        try:
-            module = inner.get_submodule(inner_key)
-        except AttributeError:
-            module = None
+        module = _submodule(inner, inner_key)
         if module is not None:
             index = index_of(inner)
             position = index.order.get(id(module))
@@ -185,7 +311,7 @@ def resolve_key(model: nn.Module, inner: nn.Module, prefix: str, key: object) ->
         names = index_of(inner, fresh=True).names
         raise LayerNotFoundError(
             f"no layer named {key!r} in {type(model).__name__}; closest names: "
-            f"{_suggest(inner_key, names)}. Names come from model.named_modules(); "
+            f"{_suggest(inner_key, names, user_prefix)}. Names come from model.named_modules(); "
             "use a glob such as 'transformer.h.*' to match several."
         )
     regex = _glob_regex(inner_key)
@@ -199,5 +325,5 @@ def resolve_key(model: nn.Module, inner: nn.Module, prefix: str, key: object) ->
         raise LayerNotFoundError(
             f"the glob {key!r} matches no layer of {type(model).__name__} ('*' matches one "
             f"dotted segment, '**' any number); names near it: "
-            f"{_suggest(inner_key.replace('*', '0'), index.names)}."
+            f"{_suggest(inner_key.replace('*', '0'), index.names, user_prefix)}."
         )
