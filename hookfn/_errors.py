@@ -4,10 +4,12 @@ from __future__ import annotations
 
 __all__ = [
     "CaptureError",
+    "CompileError",
     "EditError",
     "HookfnError",
     "LayerNotFoundError",
     "SpecError",
+    "TransformError",
 ]
 
 
@@ -32,3 +34,25 @@ class EditError(HookfnError, ValueError):
 
 class CaptureError(HookfnError, LookupError):
     """A capture was asked for something it did not record."""
+
+
+class TransformError(HookfnError, RuntimeError):
+    """A torch.func transform or an autograd mode cannot run through the model.
+
+    Raised in place of the error PyTorch gives deep inside the model, when hookfn can tell
+    what it means: forward-mode AD (``torch.func.jvp``, ``jacfwd``) through an op that has no
+    forward derivative (CPU ``scaled_dot_product_attention``), activation checkpointing
+    inside ``torch.func.grad``/``vjp``, data-dependent control flow under ``vmap``, reentrant
+    checkpointing under ``backward=``. The message names the op and the workaround; the
+    original error is chained as ``__cause__``.
+    """
+
+
+class CompileError(HookfnError, RuntimeError):
+    """A hooked module would run inside code compiled by ``torch.compile``.
+
+    Hooks cannot act inside a compiled graph: it would run without them and return an
+    unedited output and empty captures. hookfn runs a compiled model's hooked calls eagerly
+    where it can reach the eager module (``torch.compile(model)``, ``model.compile()``), and
+    raises this error where it cannot; the message names the compiled module and the fix.
+    """
