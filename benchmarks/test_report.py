@@ -1,0 +1,86 @@
+"""The report's arithmetic and its gate, on a hand-made benchmark JSON file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import report
+
+US = 1e-6
+
+
+def _bench(case: str, impl: str, slot: int, median_us: float, **info: Any) -> dict[str, Any]:
+    extra = {"suite": "overhead", "model": "mlp12", "description": "test model", "case": case}
+    extra.update(impl=impl, slot=slot, n_layers=12, n_hooked=0 if impl == "bare" else 12)
+    extra.update(info)
+    return {"extra_info": extra, "stats": {"median": median_us * US, "min": median_us * US}}
+
+
+def _paired(diff_us: float, se_us: float = 1.0) -> dict[str, float]:
+    return {"rounds": 100, "diff_median": diff_us * US, "diff_se": se_us * US, "base_median": 1e-4}
+
+
+def _results(hookfn_layer_us: float, fixed_us: float) -> dict[str, Any]:
+    # Raw hooks cost 10 µs per layer (120 µs for 12 layers) over a 100 µs forward pass.
+    return {
+        "benchmarks": [
+            _bench("bare", "bare", 0, 100.0),
+            _bench("capture_blocks", "raw", 0, 220.0, paired=_paired(120.0)),
+            _bench(
+                "capture_blocks",
+                "hookfn",
+                0,
+                100.0 + 12 * hookfn_layer_us,
+                paired=_paired(12 * hookfn_layer_us),
+                paired_raw=_paired(120.0),
+            ),
+            _bench("bare", "bare", 1, 100.0),
+            _bench("fixed", "hookfn", 1, 100.0 + fixed_us, paired=_paired(fixed_us)),
+            _bench("bare", "bare", 2, 100.0),
+        ],
+        "machine_info": {},
+    }
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    ("hookfn_layer_us", "fixed_us", "status", "ratio"),
+    [
+        (12.0, 15.0, 0, "1.20x"),  # within the goals
+        (30.0, 40.0, 0, "3.00x"),  # slower than the goals, not a gross regression
+        (60.0, 15.0, 1, "6.00x"),  # 6x raw hooks per layer: the gate fails
+        (12.0, 500.0, 1, "1.20x"),  # a fixed cost of 50 raw-hook layers: the gate fails
+    ],
+)
+def test_gate(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    hookfn_layer_us: float,
+    fixed_us: float,
+    status: int,
+    ratio: str,
+) -> None:
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_results(hookfn_layer_us, fixed_us)))
+    assert report.main([str(path), "--gate"]) == status
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| mlp12 | capture"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[4] == "10.0 ± 0.1"  # raw µs per hook: 120 µs / 12 layers
+    assert cells[5] == f"{hookfn_layer_us:.1f} ± 0.1"
+    assert cells[6] == ratio
+    fixed = next(line for line in out.splitlines() if line.startswith("| mlp12 | 100.0 µs"))
+    assert f"| {fixed_us:.1f} |" in fixed
+
+
+@pytest.mark.quick
+def test_write_doc_replaces_only_the_report_section(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{report.DOC_START}\nold table\n{report.DOC_END}\noutro\n")
+    report.write_doc(page, "| new | table |")
+    assert page.read_text() == (
+        f"intro\n{report.DOC_START}\n\n| new | table |\n\n{report.DOC_END}\noutro\n"
+    )
