@@ -7,16 +7,22 @@ STAMP := $(VENV)/.stamp-installed
 
 .PHONY: demo test lint typecheck unit docs bench
 
+# TransformerLens for its tests, without the training stack its full requirements bring
+# (wandb, sentencepiece, ...): the set below is what importing TransformerBridge needs.
+LENS := transformer-lens==4.3.0 jaxtyping==0.3.11 datasets==5.2.0 multiprocess==0.70.19 \
+	pandas==3.1.1 pyarrow==26.0.1 dill==0.4.1 xxhash==4.1.0
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps $(LENS)
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m hookfn.demo
 
-test: lint typecheck unit docs
+test: lint typecheck unit docs bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -30,3 +36,13 @@ unit: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --quiet --site-dir site
+
+# A short benchmark run: ratios against raw torch hooks measured in the same rounds; fails
+# only on a gross regression (see benchmarks/report.py --help for the limits).
+bench: $(STAMP)
+	mkdir -p .benchmarks
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest benchmarks -m quick -q -p no:randomly \
+		--benchmark-enable --benchmark-disable-gc \
+		--benchmark-min-rounds=5 --benchmark-max-time=0.2 --bench-pair-time=0.5 \
+		--benchmark-json=.benchmarks/quick.json
+	$(BIN)/python benchmarks/report.py .benchmarks/quick.json --gate
