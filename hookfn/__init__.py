@@ -7,8 +7,37 @@ edits at the layers the spec names, and returns its output with a ``{layer: Capt
 from __future__ import annotations
 
 from ._capture import Args, Capture, primary
-from ._edits import Chain, Edit, EditLike, Function, add, as_edit, chain, identity
-from ._errors import CaptureError, EditError, HookfnError, LayerNotFoundError, SpecError
+from ._discover import LayerInfo, LayerTable, layers
+from ._edits import (
+    Chain,
+    Edit,
+    EditLike,
+    Function,
+    ablate,
+    add,
+    as_edit,
+    at,
+    chain,
+    clamp,
+    heads,
+    identity,
+    mean_ablate,
+    patch_from,
+    project_out,
+    replace,
+    resample_ablate,
+    scale,
+    steer,
+)
+from ._errors import (
+    CaptureError,
+    CompileError,
+    EditError,
+    HookfnError,
+    LayerNotFoundError,
+    SpecError,
+    TransformError,
+)
 from ._hook import Hook, SpecValue
 from ._run import run_with_hooks
 from ._site import Site, SiteKind
@@ -18,6 +47,7 @@ __all__ = [
     "Args",
     "Capture",
     "CaptureError",
+    "CompileError",
     "Chain",
     "Edit",
     "EditError",
@@ -25,7 +55,9 @@ __all__ = [
     "Function",
     "Hook",
     "HookfnError",
+    "LayerInfo",
     "LayerNotFoundError",
+    "LayerTable",
     "Site",
     "SiteKind",
     "Spec",
@@ -33,12 +65,25 @@ __all__ = [
     "SpecValue",
     "Trace",
     "TraceMultiple",
+    "TransformError",
+    "ablate",
     "add",
     "as_edit",
+    "at",
     "chain",
+    "clamp",
+    "heads",
     "identity",
+    "layers",
+    "mean_ablate",
+    "patch_from",
     "primary",
+    "project_out",
+    "replace",
+    "resample_ablate",
     "run_with_hooks",
+    "scale",
+    "steer",
 ]
 
 __version__ = "0.1.0"

@@ -9,8 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from ._capture import Args, Capture
+from ._compile import eager_callable, eager_forward
 from ._errors import HookfnError, SpecError
-from ._trace import Spec, StopForward, TraceMultiple
+from ._func import inside_vmap, state_call, transform_error, vmap_backward_error
+from ._hook import Hook
+from ._trace import _IN_BACKWARD, Spec, StopForward, TraceMultiple, _graph_task
 
 __all__ = ["call_with", "run_with_hooks"]
 
@@ -37,6 +40,8 @@ def run_with_hooks(
     forward: Callable[..., Any] | None = None,
     stop_early: bool = False,
     backward: Callable[[Any], Tensor] | None = None,
+    params: Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
 ) -> tuple[Any, dict[str, Capture]]:
     """Run ``model`` once with hooks; return its output and a ``{layer: Capture}`` dict.
 
@@ -61,7 +66,15 @@ def run_with_hooks(
             pay for the other 45.
         backward: ``metric(output) -> scalar tensor``: after the forward pass, backpropagate
             the metric to the hooked layers, so that ``Hook(grad=True)`` captures and
-            ``edit_grad`` edits apply. Parameters' ``.grad`` are left untouched.
+            ``edit_grad`` edits apply. Parameters' ``.grad`` are left untouched, and the
+            output's graph is kept (backpropagate through it again if you like). Forwards
+            that activation checkpointing re-runs during this pass apply the edits again
+            and record nothing.
+        params: ``{name: tensor}`` with names from ``model.named_parameters()``: run the
+            model with these tensors in place of its own, for this call only
+            (`torch.func.functional_call`; tied weights stay tied). Ablate or swap a
+            weight, or differentiate with respect to weights with ``torch.func.grad``.
+        buffers: The same for ``model.named_buffers()``.
 
     Returns:
         ``(output, captures)``: what the model returned (with the edits applied), and the
@@ -70,6 +83,9 @@ def run_with_hooks(
     Raises:
         HookfnError: A bad spec (nothing is registered then), an edit returning a wrong
             shape or type, a metric without a gradient.
+        TransformError: A torch.func transform (or ``backward=``) cannot run through the
+            model, e.g. ``torch.func.jvp`` through CPU ``scaled_dot_product_attention``; the
+            message names the op and the workaround.
 
     Examples:
         >>> import torch
@@ -81,42 +97,97 @@ def run_with_hooks(
         True
         >>> list(caches), caches["1"].output.shape
         (['0', '1'], torch.Size([3, 2]))
+
+        Gradients of a metric at a layer, and a weight swapped for one call:
+
+        >>> from hookfn import Hook
+        >>> _, caches = run_with_hooks(model, x, {"0": Hook(grad=True)}, backward=lambda y: y.sum())
+        >>> torch.allclose(caches["0"].grad_output, model[1].weight.sum(0).expand(3, 4))
+        True
+        >>> out, _ = run_with_hooks(model, x, {}, params={"1.weight": torch.zeros(2, 4)})
+        >>> torch.equal(out, model[1].bias.expand(3, 2))
+        True
     """
     if stop_early and backward is not None:
         raise SpecError(
             "stop_early=True cannot be combined with backward=...: the metric needs the "
             "whole forward pass. Drop one of them."
         )
-    fn = model if forward is None else forward
-    trace = TraceMultiple(model, spec, stop_early=stop_early)
+    # A compiled model runs its hooked call eagerly: hooks cannot act in a compiled graph.
+    if forward is None:
+        fn, eager_root = eager_callable(model)
+        call = None if fn is model else fn
+    else:
+        fn, eager_root = eager_forward(model, forward)
+        call = fn
+    if params is not None or buffers is not None:
+        fn = state_call(model, call, params, buffers)
+    trace = TraceMultiple(model, spec, stop_early=stop_early, _eager_root=eager_root)
     output: Any = None
-    with trace:
-        try:
-            output = call_with(fn, inputs)
-        except StopForward as stop:
-            if stop.token is not trace.token:
-                raise
-        else:
-            if backward is not None:
-                _backpropagate(backward, output, trace.grad_targets)
+    try:
+        with trace:
+            try:
+                output = call_with(fn, inputs)
+                if backward is not None:
+                    _backpropagate(backward, output, trace)
+            except StopForward as stop:
+                if stop.token is not trace.token:
+                    raise
+            except RuntimeError as error:
+                explained = transform_error(error)
+                if explained is None:
+                    raise
+                raise explained from error
+    except BaseException:
+        # A no-op unless a KeyboardInterrupt cut the with statement's enter or exit short:
+        # the cleanup is idempotent, so nothing stays registered whatever was interrupted.
+        trace._close()
+        raise
     return output, trace.captures()
 
 
-def _backpropagate(metric_fn: Callable[[Any], Tensor], output: Any, targets: list[Tensor]) -> None:
+def _backpropagate(metric_fn: Callable[[Any], Tensor], output: Any, trace: TraceMultiple) -> None:
+    targets = trace.grad_targets
     metric = metric_fn(output)
     if not isinstance(metric, Tensor) or metric.numel() != 1:
         raise SpecError(
             f"backward=metric must return a scalar tensor, got "
             f"{type(metric).__name__}{tuple(metric.shape) if isinstance(metric, Tensor) else ''}."
         )
-    if not targets:
-        return
     if not metric.requires_grad:
+        if not targets and not any(_wants_grad(t.hook) for t in trace.values()):
+            return  # nothing asked for a gradient
+        if inside_vmap():
+            raise vmap_backward_error()
         raise HookfnError(
             "the backward metric does not require grad: the forward pass ran without "
             "autograd (torch.no_grad() or inference_mode?) or the metric does not depend on "
             "the hooked layers."
         )
+    if not targets:
+        return
     # Gradients to the hooked tensors only: tensor hooks fire on the way, and no parameter's
-    # .grad is touched (the model is not changed).
-    torch.autograd.grad(metric, targets, allow_unused=True)
+    # .grad is touched (the model is not changed). The graph is kept: the caller may hold the
+    # output and backpropagate again, and an enclosing torch.func.grad/vjp needs it. Captured
+    # gradients that are not detached stay differentiable (create_graph).
+    create_graph = torch.is_grad_enabled() and any(
+        (t.hook.grad or t.hook.grad_input) and not t.hook.detach for t in trace.values()
+    )
+    # Checkpointed forwards re-run during this pass see the run's hooks even in autograd
+    # worker threads, which do not inherit the caller's context; only in this pass's graph
+    # task, which a hook on a fresh alias of the metric records as the pass starts (the root
+    # is the first node the engine runs), so another thread's backward stays unhooked.
+    tasks: set[int] = set()
+    root = metric.view_as(metric)
+    root.register_hook(lambda grad: tasks.add(_graph_task()))  # type: ignore[no-untyped-call]
+    _IN_BACKWARD[trace.token] = tasks
+    try:
+        torch.autograd.grad(
+            root, targets, allow_unused=True, retain_graph=True, create_graph=create_graph
+        )
+    finally:
+        _IN_BACKWARD.pop(trace.token, None)
+
+
+def _wants_grad(hook: Hook) -> bool:
+    return hook.grad or hook.grad_input or hook.edit_grad is not None

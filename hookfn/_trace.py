@@ -3,27 +3,39 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import functools
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
+import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import get_gradient_edge as gradient_edge
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import Self, TypeAlias
 
 from ._capture import Args, Capture, primary
+from ._compile import CompileGuard, check_compiled, enclosing
 from ._edits import Edit, EditLike
 from ._errors import CaptureError, EditError, HookfnError, SpecError
 from ._hook import Hook, SpecValue, to_hook
+from ._parallel import ParallelContext
 from ._site import Site, SiteKind
-from ._sites import Resolved, resolve_key, unwrap
+from ._sites import ModelIndex, _is_glob, _submodule, index_of, resolve_key, unwrap
 
 __all__ = ["Spec", "StopForward", "Trace", "TraceMultiple", "plan"]
 
+# Keys are `str | nn.Module`, typed `Any`: Mapping is invariant in its key type, so a precise
+# key type would reject a plain `dict[str, ...]` literal, and a union of Mappings defeats
+# type inference of dict literals. Keys are checked at plan time instead.
 Spec: TypeAlias = Union[
-    Mapping[Union[str, nn.Module], SpecValue], Sequence[Union[str, nn.Module]], str, nn.Module
+    Mapping[Any, SpecValue],
+    Sequence[Union[str, nn.Module]],
+    str,
+    nn.Module,
 ]
 """A spec: a mapping from layer keys to spec values, or keys alone (capture only)."""
 
@@ -33,6 +45,50 @@ Spec: TypeAlias = Union[
 _ACTIVE: contextvars.ContextVar[frozenset[object]] = contextvars.ContextVar(
     "hookfn_active", default=frozenset()
 )
+
+# Serializes hook registration and removal across threads: two threads registering on one
+# module at once could otherwise draw the same handle id (PyTorch's counter is not atomic) or
+# reorder a hook dictionary another registration is reading. Never taken on the hook path.
+_REGISTRY = threading.RLock()
+
+# Tokens of the runs whose ``backward=`` pass is in progress. Activation checkpointing re-runs
+# forwards during backward; on accelerators the autograd engine runs them in its own worker
+# threads, which do not see the run's context, so there the hooks look here instead.
+#
+# Each token maps to the ids of the autograd graph tasks of its own backward pass (recorded
+# when the pass starts, see `_run._backpropagate`): a concurrent backward pass of another
+# thread runs in a different graph task, so its re-runs never see this run's edits.
+_IN_BACKWARD: dict[object, set[int]] = {}
+
+_graph_task = torch._C._current_graph_task_id
+
+
+class _Replays:
+    """Maps a forward that activation checkpointing re-runs during backward to its first run.
+
+    A hook fires in a re-run when the autograd graph task differs from the one its run's
+    forward ran in (``-1``: none). The re-run applies the edits again, with the `Site` of the
+    call it replays, and records nothing. A module called once per forward replays call 0; a
+    module called several times is matched in the order backward re-runs checkpointed
+    segments, the last one first (one call per checkpointed layer, e.g. a shared layer).
+    """
+
+    __slots__ = ("base", "seen")
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.seen: dict[int, int] = {}
+
+    def call(self, calls: int) -> int:
+        if calls <= 1:
+            return 0
+        task = _graph_task()
+        replayed = self.seen.get(task, 0)
+        self.seen[task] = replayed + 1
+        return calls - 1 - replayed % calls
+
+
+_NO_REPLAYS = _Replays(-1)  # for a hook without an edit, which never replays a call
 
 
 class StopForward(BaseException):
@@ -62,8 +118,7 @@ class _Stopper:
             raise StopForward(self.token)
 
 
-@dataclass(frozen=True, slots=True)
-class _Planned:
+class _Planned(NamedTuple):
     name: str
     module: nn.Module
     hook: Hook
@@ -95,33 +150,67 @@ def plan(model: nn.Module, spec: object) -> list[_Planned]:
     if not isinstance(model, nn.Module):
         raise SpecError(f"expected a torch.nn.Module as the model, got {type(model).__name__}.")
     inner, prefix = unwrap(model)
-    chosen: dict[int, tuple[Resolved, Hook, object]] = {}
+    # id(module) -> (name, module, order, explicit, hook, key)
+    chosen: dict[int, tuple[str, nn.Module, int, bool, Hook, object]] = {}
+    index: ModelIndex | None = None
     for key, value in _normalize_spec(spec):
-        label = key if isinstance(key, str) else type(key).__name__
-        hook = to_hook(value, str(label))
-        for resolved in resolve_key(model, inner, prefix, key):
-            previous = chosen.get(id(resolved.module))
+        hook = to_hook(value, str(key if isinstance(key, str) else type(key).__name__))
+        found: Iterable[tuple[str, nn.Module, int, bool]] | None = None
+        if type(key) is str and not prefix and not _is_glob(key):
+            # The common case, an exact name on an unwrapped model, without `resolve_key`'s
+            # generator; a name it cannot find takes the general path for its error.
+            module = _submodule(model, key)
+            if module is not None:
+                if index is None:
+                    index = index_of(model)
+                order = index.order.get(id(module))
+                if order is None or index.modules.get(key) is not module:
+                    index = index_of(model, fresh=True)
+                    order = index.order.get(id(module), len(index.names))
+                previous = chosen.get(id(module))
+                if previous is None or not previous[3]:  # a glob's match gives way
+                    chosen[id(module)] = (key, module, order, True, hook, key)
+                    continue
+                found = ((key, module, order, True),)  # a clash: reported below
+        if found is None:
+            found = [
+                (r.name, r.module, r.order, r.explicit)
+                for r in resolve_key(model, inner, prefix, key)
+            ]
+        for entry in found:
+            module = entry[1]
+            previous = chosen.get(id(module))
             if previous is not None:
-                old, _, old_key = previous
-                if old.explicit == resolved.explicit:
+                explicit = entry[3]
+                if previous[3] == explicit:
                     raise SpecError(
-                        f"layer {resolved.name!r} is named by two spec keys, {old_key!r} and "
+                        f"layer {entry[0]!r} is named by two spec keys, {previous[5]!r} and "
                         f"{key!r}; give it one entry (combine edits with >>)."
                     )
-                if old.explicit:
+                if previous[3]:
                     continue
-            chosen[id(resolved.module)] = (resolved, hook, key)
+            chosen[id(module)] = (*entry, hook, key)
     planned = [
-        _Planned(resolved.name, resolved.module, hook, resolved.order)
-        for resolved, hook, _ in chosen.values()
+        _Planned(name, module, hook, order) for name, module, order, _, hook, _ in chosen.values()
     ]
-    planned.sort(key=lambda p: p.order)
+    if len(planned) > 1:
+        planned.sort(key=_by_order)
     return planned
 
 
-def _copier(hook: Hook) -> Callable[[Tensor], Tensor]:
-    detach, clone, device, dtype = hook.detach, hook.clone, hook.device, hook.dtype
+def _by_order(planned: _Planned) -> int:
+    return planned.order
 
+
+def _copier(hook: Hook) -> Callable[[Tensor], Tensor]:
+    return _make_copier(hook.detach, hook.clone, hook.device, hook.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _make_copier(
+    detach: bool, clone: bool, device: torch.device | None, dtype: torch.dtype | None
+) -> Callable[[Tensor], Tensor]:
+    # A pure function of the four options: made once per combination, shared by all hooks.
     def copy(t: Tensor) -> Tensor:
         if detach:
             t = t.detach()
@@ -131,6 +220,9 @@ def _copier(hook: Hook) -> Callable[[Tensor], Tensor]:
         return t.clone() if clone else t
 
     return copy
+
+
+_PLAIN_COPY = _make_copier(True, True, None, None)
 
 
 def _copy_value(copy: Callable[[Tensor], Tensor], value: Any) -> Any:
@@ -146,7 +238,14 @@ def _replace_primary(value: Any, new: Tensor, name: str, kind: str) -> Any:
     if isinstance(value, tuple):
         if hasattr(value, "_replace") and hasattr(value, "_fields"):  # namedtuple
             return value._replace(**{value._fields[0]: new})
-        return (new, *value[1:])
+        items = (new, *value[1:])
+        if type(value) is not tuple:
+            # A tuple subclass such as torch.return_types.max keeps its type (and .values).
+            try:
+                return type(value)(items)
+            except TypeError:
+                pass
+        return items
     if isinstance(value, list):
         return [new, *value[1:]]
     if isinstance(value, Mapping):
@@ -175,7 +274,33 @@ def _check_edit_result(x: Tensor, y: object, site: Site, edit: Edit) -> Tensor:
             f"shape {tuple(y.shape)}, but the {site.kind} it edits has shape "
             f"{tuple(x.shape)}; an edit must keep the shape (use broadcasting inside it)."
         )
+    if y.dtype is not x.dtype or y.device != x.device:
+        return _convert_edit_result(x, y, site, edit)
     return y
+
+
+def _convert_edit_result(x: Tensor, y: Tensor, site: Site, edit: Edit) -> Tensor:
+    """Cast a floating-point result to the edited dtype; refuse another device or kind.
+
+    The model's next layer expects the dtype it produced: a float64 or float16 result (an
+    edit adding a float32 vector to a bfloat16 activation) is cast back. A change of kind
+    (a float activation returned as int or bool, a real one as complex) or of device is
+    almost surely a bug, and would fail deep inside the next layer: it is an `EditError`.
+    """
+    where = f"the edit {edit!r} at layer {site.name!r} ({site.kind}, call {site.call})"
+    if y.device != x.device:
+        raise EditError(
+            f"{where} returned a tensor on {y.device}, but the {site.kind} it edits is on "
+            f"{x.device}; make the edit's tensors on x.device (add() and the other "
+            "combinators move theirs)."
+        )
+    if (x.is_floating_point() and y.is_floating_point()) or (x.is_complex() and y.is_complex()):
+        return y.to(x.dtype)
+    raise EditError(
+        f"{where} returned dtype {y.dtype}, but the {site.kind} it edits is {x.dtype}; an edit "
+        "keeps the kind of number (a floating-point result is cast back, other dtypes must "
+        "match): return y.to(x.dtype) if the conversion is what you mean."
+    )
 
 
 def _no_primary(name: str, kind: str, value: object) -> EditError:
@@ -184,6 +309,58 @@ def _no_primary(name: str, kind: str, value: object) -> EditError:
         "primary tensor (a tensor, or a tuple/list/mapping whose first item is a tensor). "
         "Hook a submodule that produces a tensor instead."
     )
+
+
+# Handle ids of the forward hooks hookfn registered and has not removed yet.
+_OWN_FORWARD_HOOKS: set[int] = set()
+
+
+def _next_hook_id() -> int:
+    """A fresh hook key from PyTorch's own counter (the caller holds the registration lock).
+
+    Hooks are inserted into the module's hook dictionaries directly (a `RemovableHandle` per
+    hook costs more than the hook call itself); drawing the key from the counter PyTorch's
+    handles use keeps it distinct from every key PyTorch hands out.
+    """
+    key = RemovableHandle.next_id
+    RemovableHandle.next_id = key + 1
+    return key
+
+
+def _insert_forward_hook(
+    module: nn.Module, key: int, fn: Callable[[nn.Module, Any, Any], Any]
+) -> None:
+    """Insert ``fn`` after hookfn's earlier forward hooks and before every other one.
+
+    Every other forward hook of the module (the user's, or a library's, such as the ones
+    transformers records ``hidden_states`` with, which may predate this run) then sees the
+    edited output, while nested runs keep their order: an inner run's hook runs after, and so
+    sees the edits of, the runs around it. The other hooks keep their relative order.
+    """
+    hooks = module._forward_hooks
+    _OWN_FORWARD_HOOKS.add(key)
+    hooks[key] = fn
+    # Alone in the dictionary (the common case), the new hook has nothing to move past.
+    if len(hooks) > 1 and hasattr(hooks, "move_to_end"):
+        hooks.move_to_end(key, last=False)
+        earlier = sorted(k for k in hooks if k in _OWN_FORWARD_HOOKS and k != key)
+        for k in reversed(earlier):  # hook ids grow with registration order
+            hooks.move_to_end(k, last=False)
+
+
+def _track(tensor: Tensor) -> Tensor | None:
+    """A leaf copy of ``tensor`` that requires grad, or ``None`` where none can flow.
+
+    For a gradient asked of a tensor that nothing upstream of it requires grad for (a frozen
+    model, a constant): the graph then starts at the hooked layer. Layers after it stay
+    attached to it, so their gradients are unaffected.
+    """
+    if not (torch.is_grad_enabled() and (tensor.is_floating_point() or tensor.is_complex())):
+        return None
+    try:
+        return tensor.detach().requires_grad_()
+    except RuntimeError:  # inside a torch.func transform, which tracks gradients itself
+        return None
 
 
 class _Sites:
@@ -202,6 +379,10 @@ class _Sites:
         while len(sites) <= call:
             sites.append(Site(self.name, call=len(sites), kind=self.kind, module=self.module))
         return sites[call]
+
+
+# Stands in for the `_Sites` of a hook that never reads one (no edit, no gradient hook).
+_NO_SITES = _Sites("", nn.Module(), "output")
 
 
 class Trace:
@@ -250,7 +431,9 @@ class Trace:
                 f"Trace hooks exactly one layer, but {layer!r} matches {len(planned)} "
                 f"({names}, ...); use TraceMultiple for several."
             )
+        around = _Around(model, planned)  # may refuse compiled code (CompileError)
         self._init(planned[0], token=None)
+        self._around: _Around | None = around
 
     @classmethod
     def _from_plan(
@@ -258,7 +441,7 @@ class Trace:
         planned: _Planned,
         token: object,
         stopper: _Stopper | None,
-        grad_targets: list[Tensor],
+        grad_targets: list[GradientEdge],
     ) -> Trace:
         self = cls.__new__(cls)
         self._init(planned, token=token, stopper=stopper, grad_targets=grad_targets)
@@ -270,7 +453,7 @@ class Trace:
         *,
         token: object | None,
         stopper: _Stopper | None = None,
-        grad_targets: list[Tensor] | None = None,
+        grad_targets: list[GradientEdge] | None = None,
     ) -> None:
         self.name = planned.name
         self.module = planned.module
@@ -278,11 +461,15 @@ class Trace:
         self._owns_token = token is None
         self._token: object = object() if token is None else token
         self._stopper = stopper
-        # Tensors whose gradient hooks were registered, for `run_with_hooks(backward=...)`.
-        self.grad_targets: list[Tensor] = [] if grad_targets is None else grad_targets
-        self._handles: list[RemovableHandle] = []
+        # Gradient edges of the tensors given gradient hooks, for `run_with_hooks(backward=)`;
+        # taken as the hook fires, so an in-place op after the module cannot move them.
+        self.grad_targets: list[GradientEdge] = [] if grad_targets is None else grad_targets
+        # Keys of the hooks this trace inserted into the module's hook dictionaries.
+        self._handles: list[int] = []
         self._context_reset: contextvars.Token[frozenset[object]] | None = None
+        self._around = None
         self._reset_records()
+        self._used = False  # whether a registration may have written to the records
 
     def _reset_records(self) -> None:
         self._outputs: list[Any] = []
@@ -299,31 +486,80 @@ class Trace:
                 f"the Trace of layer {self.name!r} is already active; a Trace is entered once "
                 "at a time (make a new one to nest)."
             )
-        self._reset_records()
+        if self._used:
+            self._reset_records()  # fresh records: a Capture taken earlier keeps its own
+        self._used = True
         if self._owns_token:
             self.grad_targets.clear()
         hook = self.hook
+        # A key is recorded before its hook is inserted, so that `_remove` finds every hook
+        # (also after an interrupt between the two).
+        fns: list[Callable[..., Any]] = []
+        keys = self._handles
+        module = self.module
         try:
-            if hook.needs_pre_hook:
-                self._handles.append(
-                    self.module.register_forward_pre_hook(self._make_pre_hook(), with_kwargs=True)
-                )
-            if hook.needs_forward_hook:
-                self._handles.append(self.module.register_forward_hook(self._make_forward_hook()))
+            with _REGISTRY:
+                if hook.needs_pre_hook:
+                    fns.append(self._make_pre_hook())
+                    key = _next_hook_id()
+                    keys.append(key)
+                    module._forward_pre_hooks_with_kwargs[key] = True
+                    module._forward_pre_hooks[key] = fns[-1]
+                if hook.needs_forward_hook:
+                    fns.append(self._make_forward_hook())
+                    key = _next_hook_id()
+                    keys.append(key)
+                    _insert_forward_hook(module, key, fns[-1])
         except BaseException:
             self._remove()
             raise
 
     def _remove(self) -> None:
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
+        # Resumable: a handle leaves the list only once it is removed (removing it twice is a
+        # no-op), so a cleanup cut short by an interrupt can simply run again.
+        keys = self._handles
+        if not keys:
+            return
+        module = self.module
+        forward, pre, pre_kwargs = (
+            module._forward_hooks,
+            module._forward_pre_hooks,
+            module._forward_pre_hooks_with_kwargs,
+        )
+        with _REGISTRY:
+            while keys:
+                key = keys[-1]
+                forward.pop(key, None)
+                pre.pop(key, None)
+                pre_kwargs.pop(key, None)
+                _OWN_FORWARD_HOOKS.discard(key)
+                keys.pop()
+
+    def _close(self) -> None:
+        """Remove everything `__enter__` set up; idempotent, so it can be run again."""
+        self._remove()
+        if self._owns_token:
+            if self._around is not None:
+                self._around.detach()
+            reset, self._context_reset = self._context_reset, None
+            _deactivate(self._token, reset)
 
     def __enter__(self) -> Self:
-        self._register()
-        if self._owns_token:
-            self._context_reset = _ACTIVE.set(_ACTIVE.get() | {self._token})
-        return self
+        if self._handles:
+            raise HookfnError(
+                f"the Trace of layer {self.name!r} is already active; a Trace is entered once "
+                "at a time (make a new one to nest)."
+            )
+        try:
+            self._register()
+            if self._owns_token:
+                if self._around is not None:
+                    self._around.attach(self._token)
+                self._context_reset = _ACTIVE.set(_ACTIVE.get() | {self._token})
+            return self
+        except BaseException:
+            self._close()  # also after a KeyboardInterrupt: nothing stays registered
+            raise
 
     def __exit__(
         self,
@@ -331,15 +567,18 @@ class Trace:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._remove()
-        if self._owns_token:
-            _deactivate(self._token, self._context_reset)
-            self._context_reset = None
+        try:
+            self._close()
+        except BaseException:
+            self._close()  # cut short (KeyboardInterrupt): every step is idempotent, finish
+            raise
 
     # -- the hook path ------------------------------------------------------------------
 
+    # A static method: a hook closure that held a bound method would tie the trace, and the
+    # tensors it recorded, into a reference cycle that only the cyclic GC frees.
+    @staticmethod
     def _grad_hook(
-        self,
         records: list[Tensor | None],
         slot: int,
         edit: Edit | None,
@@ -369,21 +608,41 @@ class Trace:
         wants_grad = keep_grad or edit_grad is not None
         outputs = self._outputs
         grads = self._grad_outputs
-        copy = _copier(hook)
+        # The default copy (detach, clone, same device and dtype), inlined on the hook path.
+        plain = hook.detach and hook.clone and hook.device is None and hook.dtype is None
+        copy = _PLAIN_COPY if plain else _copier(hook)
         name = self.name
-        sites = _Sites(name, self.module, "output")
-        grad_sites = _Sites(name, self.module, "grad_output")
+        # Sites are only read by edits and gradient hooks; made when they can be needed.
+        sites = _Sites(name, self.module, "output") if edit is not None else _NO_SITES
+        grad_sites = _Sites(name, self.module, "grad_output") if wants_grad else _NO_SITES
         stopper = self._stopper if hook.output else None
         grad_hook = self._grad_hook
         targets = self.grad_targets
         calls = 0
+        base = _graph_task()
+        # Replays are only looked up to re-apply an edit (see `_Replays`).
+        replays = _Replays(base) if edit is not None else _NO_REPLAYS
+        graph_task = _graph_task
+        in_backward = _IN_BACKWARD
 
         def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
             nonlocal calls
             if token not in active.get():
-                return None
-            call = calls
-            calls += 1
+                tasks = in_backward.get(token)
+                if tasks is None or graph_task() not in tasks:
+                    return None
+                replaying = True  # a re-run in an autograd worker thread (see _IN_BACKWARD)
+            else:
+                replaying = graph_task() != base
+            if replaying:
+                # Activation checkpointing re-runs this forward during backward: apply the
+                # edit again, identically, and record nothing (the first run did).
+                if edit is None:
+                    return None
+                call = replays.call(calls)
+            else:
+                call = calls
+                calls += 1
             result = None
             if edit is not None:
                 x = output if type(output) is Tensor else primary(output)
@@ -393,19 +652,29 @@ class Trace:
                 y = _check_edit_result(x, edit(x, site), site, edit)
                 if y is not x:
                     output = result = _replace_primary(output, y, name, "output")
+            if replaying:
+                return result
             if wants_grad:
                 tensor = output if type(output) is Tensor else primary(output)
                 slot = len(grads)
                 grads.append(None)
+                if tensor is not None and not tensor.requires_grad:
+                    tracked = _track(tensor)
+                    if tracked is not None:
+                        tensor = tracked
+                        output = result = _replace_primary(output, tracked, name, "output")
                 if tensor is not None and tensor.requires_grad:
                     tensor.register_hook(  # type: ignore[no-untyped-call]
                         grad_hook(grads, slot, edit_grad, grad_sites[call], keep_grad, copy)
                     )
-                    targets.append(tensor)
+                    targets.append(gradient_edge(tensor))
             if keep_output:
-                outputs.append(
-                    copy(output) if type(output) is Tensor else _copy_value(copy, output)
-                )
+                if plain and type(output) is Tensor:
+                    outputs.append(output.detach().clone())
+                else:
+                    outputs.append(
+                        copy(output) if type(output) is Tensor else _copy_value(copy, output)
+                    )
                 if call == 0 and stopper is not None:
                     stopper.site_done()
             return result
@@ -424,19 +693,39 @@ class Trace:
         grads = self._grad_inputs
         copy = _copier(hook)
         name = self.name
-        sites = _Sites(name, self.module, "input")
-        grad_sites = _Sites(name, self.module, "grad_input")
+        sites = _Sites(name, self.module, "input") if edit is not None else _NO_SITES
+        grad_sites = _Sites(name, self.module, "grad_input") if wants_grad else _NO_SITES
         stopper = self._stopper if (hook.input and not hook.output) else None
         grad_hook = self._grad_hook
         targets = self.grad_targets
         calls = 0
+        base = _graph_task()
+        # Replays are only looked up to re-apply an edit (see `_Replays`).
+        replays = _Replays(base) if edit is not None else _NO_REPLAYS
+        graph_task = _graph_task
+        in_backward = _IN_BACKWARD
 
-        def pre_hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
+        # ``kwargs`` has a default: a module call on another thread that took its snapshot
+        # of the hooks just before this run removed this one may call it as a hook without
+        # kwargs (PyTorch checks the with-kwargs flag after the snapshot); the gate below
+        # then returns at once.
+        def pre_hook(module: nn.Module, args: Any, kwargs: Any = None) -> Any:
             nonlocal calls
             if token not in active.get():
-                return None
-            call = calls
-            calls += 1
+                tasks = in_backward.get(token)
+                if tasks is None or graph_task() not in tasks:
+                    return None
+                replaying = True  # a re-run in an autograd worker thread (see _IN_BACKWARD)
+            else:
+                replaying = graph_task() != base
+            if replaying:
+                # A re-run by activation checkpointing (see forward_hook): edit, record nothing.
+                if edit is None:
+                    return None
+                call = replays.call(calls)
+            else:
+                call = calls
+                calls += 1
             result = None
             if edit is not None or wants_grad:
                 packed = Args(*args, **kwargs)
@@ -447,17 +736,21 @@ class Trace:
                 if edit is not None:
                     site = sites[call]
                     y = _check_edit_result(x, edit(x, site), site, edit)
-                if wants_grad:
+                if wants_grad and not replaying:
                     slot = len(grads)
                     grads.append(None)
-                    if y.requires_grad:
-                        # A fresh alias, so the gradient is the one flowing into this module
-                        # alone, not the total of every consumer of the input tensor.
-                        y = y.view_as(y)
+                    # A fresh alias, so the gradient is the one flowing into this module alone,
+                    # not the total of every consumer of the input tensor. Under no_grad (e.g.
+                    # reentrant checkpointing) no gradient can reach it.
+                    alias = None
+                    if torch.is_grad_enabled():
+                        alias = y.view_as(y) if y.requires_grad else _track(y)
+                    if alias is not None and alias.requires_grad:
+                        y = alias
                         y.register_hook(  # type: ignore[no-untyped-call]
                             grad_hook(grads, slot, None, grad_sites[call], keep_grad, copy)
                         )
-                        targets.append(y)
+                        targets.append(gradient_edge(y))
                 if y is not x:
                     if args:
                         args = (_replace_primary(args[0], y, name, "input"), *args[1:])
@@ -468,6 +761,8 @@ class Trace:
                             first: _replace_primary(kwargs[first], y, name, "input"),
                         }
                     result = (args, kwargs)
+            if replaying:
+                return result
             if keep_input:
                 inputs.append(Args(*_copy_value(copy, args), **_copy_value(copy, kwargs)))
                 if call == 0 and stopper is not None:
@@ -520,13 +815,65 @@ class Trace:
 
 
 def _deactivate(token: object, reset: contextvars.Token[frozenset[object]] | None) -> None:
+    """Drop ``token`` from the active set; idempotent.
+
+    The context is reset exactly (``ContextVar.reset``) when nothing changed it since the
+    token was added; otherwise, e.g. when nested blocks exit out of order or the exit runs in
+    another context, only this token is dropped, and every other run stays active.
+    """
+    current = _ACTIVE.get()
+    if token not in current:
+        return
     if reset is not None:
-        try:
-            _ACTIVE.reset(reset)
+        old = reset.old_value
+        if (frozenset() if old is contextvars.Token.MISSING else old) | {token} == current:
+            try:
+                _ACTIVE.reset(reset)
+                return
+            except (ValueError, RuntimeError):
+                pass  # exited in another context than it was entered in
+    _ACTIVE.set(current - {token})
+
+
+class _Around:
+    """What a run sets up around its hooks (see `hookfn._compile`, `hookfn._parallel`).
+
+    Built once, before anything is registered: it refuses hooked modules inside compiled
+    code it cannot bypass (`CompileError`), guards the ``torch.compile`` wrappers of the
+    model, and finds the ``DataParallel`` modules whose worker threads must see the run.
+    """
+
+    __slots__ = ("guard", "parallel")
+
+    def __init__(
+        self, model: nn.Module, planned: Sequence[_Planned], eager_root: nn.Module | None = None
+    ) -> None:
+        path = enclosing(model, [(p.name, p.module) for p in planned])
+        wrappers = check_compiled(model, path, eager_root=eager_root)
+        parallels = [module for _, module, _ in path if isinstance(module, nn.DataParallel)]
+        # None where there is nothing to set up (the common case): attach and detach are free.
+        self.guard = CompileGuard(wrappers) if wrappers else None
+        self.parallel = ParallelContext(parallels) if parallels else None
+
+    def attach(self, token: object) -> None:
+        guard, parallel = self.guard, self.parallel
+        if guard is None and parallel is None:
             return
-        except ValueError:
-            pass  # exited in another context than it was entered in
-    _ACTIVE.set(_ACTIVE.get() - {token})
+        with _REGISTRY:
+            if parallel is not None:
+                parallel.attach()
+            if guard is not None:
+                guard.attach(_ACTIVE, token)
+
+    def detach(self) -> None:
+        guard, parallel = self.guard, self.parallel
+        if guard is None and parallel is None:
+            return
+        with _REGISTRY:
+            if guard is not None:
+                guard.detach()
+            if parallel is not None:
+                parallel.detach()
 
 
 class TraceMultiple(Mapping[str, Trace]):
@@ -546,13 +893,22 @@ class TraceMultiple(Mapping[str, Trace]):
         (True, torch.Size([2, 4]))
     """
 
-    def __init__(self, model: nn.Module, layers: Spec, *, stop_early: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Spec,
+        *,
+        stop_early: bool = False,
+        _eager_root: nn.Module | None = None,
+    ) -> None:
         planned = plan(model, layers)
+        # `run_with_hooks` passes the in-place compiled module it calls eagerly (_compile.py).
+        self._around = _Around(model, planned, _eager_root)
         self.model = model
         self._token = object()
-        capturing = sum(1 for p in planned if p.hook.captures_forward)
-        self._stopper = _Stopper(self._token, capturing) if stop_early and capturing else None
-        self.grad_targets: list[Tensor] = []
+        capturing = sum(1 for p in planned if p.hook.captures_forward) if stop_early else 0
+        self._stopper = _Stopper(self._token, capturing) if capturing else None
+        self.grad_targets: list[GradientEdge] = []
         self._traces = {
             p.name: Trace._from_plan(p, self._token, self._stopper, self.grad_targets)
             for p in planned
@@ -563,21 +919,22 @@ class TraceMultiple(Mapping[str, Trace]):
     def __enter__(self) -> Self:
         if self._entered:
             raise HookfnError("this TraceMultiple is already active; make a new one to nest.")
-        if self._stopper is not None:
-            self._stopper.pending = sum(1 for t in self._traces.values() if t.hook.captures_forward)
-        self.grad_targets.clear()
-        registered: list[Trace] = []
-        try:
-            for trace in self._traces.values():
-                trace._register()
-                registered.append(trace)
-        except BaseException:
-            for trace in registered:
-                trace._remove()
-            raise
         self._entered = True
-        self._context_reset = _ACTIVE.set(_ACTIVE.get() | {self._token})
-        return self
+        try:
+            if self._stopper is not None:
+                self._stopper.pending = sum(
+                    1 for t in self._traces.values() if t.hook.captures_forward
+                )
+            self.grad_targets.clear()
+            with _REGISTRY:
+                for trace in self._traces.values():
+                    trace._register()
+            self._around.attach(self._token)
+            self._context_reset = _ACTIVE.set(_ACTIVE.get() | {self._token})
+            return self
+        except BaseException:
+            self._close()  # also after a KeyboardInterrupt: nothing stays registered
+            raise
 
     def __exit__(
         self,
@@ -586,12 +943,20 @@ class TraceMultiple(Mapping[str, Trace]):
         tb: TracebackType | None,
     ) -> None:
         try:
-            for trace in self._traces.values():
-                trace._remove()
-        finally:
-            _deactivate(self._token, self._context_reset)
-            self._context_reset = None
-            self._entered = False
+            self._close()
+        except BaseException:
+            self._close()  # cut short (KeyboardInterrupt): every step is idempotent, finish
+            raise
+
+    def _close(self) -> None:
+        """Remove everything `__enter__` set up; idempotent, so it can be run again."""
+        for trace in self._traces.values():
+            trace._remove()
+        self._around.detach()
+        _IN_BACKWARD.pop(self._token, None)  # (if an interrupt cut `backward=` short)
+        reset, self._context_reset = self._context_reset, None
+        _deactivate(self._token, reset)
+        self._entered = False
 
     def __getitem__(self, name: str) -> Trace:
         try:
@@ -600,6 +965,13 @@ class TraceMultiple(Mapping[str, Trace]):
             raise CaptureError(
                 f"no traced layer named {name!r}; traced layers: {list(self._traces)}"
             ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._traces
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """``tm[name]`` if ``name`` is a traced layer, else ``default``."""
+        return self._traces.get(name, default)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._traces)

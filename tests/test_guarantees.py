@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -193,15 +194,22 @@ def test_every_run_leaves_hooks_and_model_exactly_as_before(
 def test_a_bad_spec_fails_before_anything_is_registered(
     tiny_gpt2, gpt2_inputs, monkeypatch, spec, raises
 ):
+    # Every hook dictionary of the model records what is inserted into it.
     registered: list[str] = []
-    for method in ("register_forward_hook", "register_forward_pre_hook"):
-        original = getattr(nn.Module, method)
 
-        def spy(self: nn.Module, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            registered.append(type(self).__name__)
-            return _original(self, *args, **kwargs)
+    class Spy(OrderedDict[int, Any]):
+        def __init__(self, owner: str, items: Any) -> None:
+            super().__init__(items)
+            self.owner = owner
 
-        monkeypatch.setattr(nn.Module, method, spy)
+        def __setitem__(self, key: int, value: Any) -> None:
+            registered.append(self.owner)
+            super().__setitem__(key, value)
+
+    for module in tiny_gpt2.modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks"):
+            spy = Spy(type(module).__name__, getattr(module, attr))
+            monkeypatch.setattr(module, attr, spy)
     with pytest.raises(raises):
         run_with_hooks(tiny_gpt2, gpt2_inputs, spec)
     with pytest.raises(raises):
