@@ -848,6 +848,9 @@ class _Around:
     def __init__(
         self, model: nn.Module, planned: Sequence[_Planned], eager_root: nn.Module | None = None
     ) -> None:
+        if not planned:  # nothing will be hooked: no compiled code or worker thread to mind
+            self.guard = self.parallel = None
+            return
         path = enclosing(model, [(p.name, p.module) for p in planned])
         wrappers = check_compiled(model, path, eager_root=eager_root)
         parallels = [module for _, module, _ in path if isinstance(module, nn.DataParallel)]
