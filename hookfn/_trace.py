@@ -385,7 +385,28 @@ class _Sites:
 _NO_SITES = _Sites("", nn.Module(), "output")
 
 
-class Trace:
+class _Scoped:
+    """The exit shared by `Trace` and `TraceMultiple`: undo everything ``__enter__`` set up."""
+
+    __slots__ = ()
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self._close()
+        except BaseException:
+            self._close()  # cut short (KeyboardInterrupt): every step is idempotent, finish
+            raise
+
+
+class Trace(_Scoped):
     """Hook one layer of a model for the duration of a ``with`` block.
 
     The original DeepHook API: ``retain_output`` / ``retain_input`` store the layer's
@@ -559,18 +580,6 @@ class Trace:
             return self
         except BaseException:
             self._close()  # also after a KeyboardInterrupt: nothing stays registered
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            self._close()
-        except BaseException:
-            self._close()  # cut short (KeyboardInterrupt): every step is idempotent, finish
             raise
 
     # -- the hook path ------------------------------------------------------------------
@@ -879,7 +888,7 @@ class _Around:
                 parallel.detach()
 
 
-class TraceMultiple(Mapping[str, Trace]):
+class TraceMultiple(_Scoped, Mapping[str, Trace]):
     """Hook several layers for the duration of a ``with`` block (the DeepHook API).
 
     ``layers`` maps layer keys (names, globs, module objects) to spec values — the DeepHook
@@ -937,18 +946,6 @@ class TraceMultiple(Mapping[str, Trace]):
             return self
         except BaseException:
             self._close()  # also after a KeyboardInterrupt: nothing stays registered
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            self._close()
-        except BaseException:
-            self._close()  # cut short (KeyboardInterrupt): every step is idempotent, finish
             raise
 
     def _close(self) -> None:
