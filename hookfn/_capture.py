@@ -273,6 +273,32 @@ class Capture:
         return f"Capture({', '.join(parts)})"
 
 
+_SET_FIELDS = tuple(
+    Capture.__dict__[name].__set__
+    for name in ("name", "raw_outputs", "raw_inputs", "grad_outputs", "grad_inputs", "_layout")
+)
+
+
+def make_capture(
+    name: str,
+    raw_outputs: tuple[Any, ...],
+    raw_inputs: tuple[Args, ...],
+    grad_outputs: tuple[Tensor | None, ...],
+    grad_inputs: tuple[Tensor | None, ...],
+) -> Capture:
+    """``Capture(...)`` without the frozen dataclass's ``__init__``: one per hooked layer per
+    run, so it is built by setting its slots directly."""
+    capture = object.__new__(Capture)
+    set_name, set_outputs, set_inputs, set_grad_outputs, set_grad_inputs, set_layout = _SET_FIELDS
+    set_name(capture, name)
+    set_outputs(capture, raw_outputs)
+    set_inputs(capture, raw_inputs)
+    set_grad_outputs(capture, grad_outputs)
+    set_grad_inputs(capture, grad_inputs)
+    set_layout(capture, None)
+    return capture
+
+
 _NO_OUTPUT = (
     "either its output was not captured (pass retain_output=True / Hook(output=True)) or the "
     "module was not called during the run."

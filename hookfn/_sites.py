@@ -6,14 +6,14 @@ import difflib
 import re
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from torch import nn
 
 from ._errors import LayerNotFoundError, SpecError
 
-__all__ = ["ModelIndex", "Resolved", "index_of", "resolve_key", "unwrap"]
+__all__ = ["ModelIndex", "Resolved", "cached_index", "index_of", "resolve_key", "unwrap"]
 
 # Wrappers whose child is the model users think of, with the prefix they add to names.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -61,12 +61,19 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
 
 @dataclass(slots=True)
 class ModelIndex:
-    """Names of a model's modules in `named_modules()` order, built once and reused."""
+    """Names of a model's modules in `named_modules()` order, built once and reused.
+
+    It holds the model's submodules but never the model itself (``modules`` has no entry for
+    the name ``""``): it is cached under the model as a weak key, and a reference back to the
+    key would keep every model ever hooked alive.
+    """
 
     names: list[str]
-    modules: dict[str, nn.Module]
+    modules: dict[str, nn.Module]  # name -> module, the root excepted
     order: dict[int, int]  # id(module) -> position in names
     by_id: dict[int, str]
+    # Plans resolved against this index, by their tuple of spec keys (see `_trace.plan`).
+    plans: dict[object, object] = field(default_factory=dict)
 
 
 _INDEX: weakref.WeakKeyDictionary[nn.Module, ModelIndex] = weakref.WeakKeyDictionary()
@@ -81,7 +88,8 @@ def _build_index(model: nn.Module) -> ModelIndex:
         order[id(module)] = len(names)
         by_id[id(module)] = name
         names.append(name)
-        modules[name] = module
+        if name:
+            modules[name] = module
     index = ModelIndex(names, modules, order, by_id)
     _INDEX[model] = index
     return index
@@ -93,33 +101,52 @@ def index_of(model: nn.Module, *, fresh: bool = False) -> ModelIndex:
     return _build_index(model) if index is None else index
 
 
+def cached_index(model: nn.Module) -> ModelIndex | None:
+    """The index of ``model`` if one is cached (a cheap lookup, never a rebuild)."""
+    return _INDEX.get(model)
+
+
 def _is_glob(key: str) -> bool:
     return "*" in key or "?" in key or "[" in key
+
+
+# One step of a name's path through the module tree: (parent's `_modules`, part, child).
+Link = tuple[dict[str, nn.Module | None], str, nn.Module]
+
+
+def _links(inner: nn.Module, inner_key: str) -> list[Link] | None:
+    """The registered children (``_modules``) that lead from ``inner`` to ``inner_key``.
+
+    None where following them might not find what ``getattr`` finds: a part that is not a
+    registered child, or is shadowed by an instance or class attribute of the same name, or
+    a class that overrides ``__getattr__``.
+    """
+    links: list[Link] = []
+    module = inner
+    for part in inner_key.split(".") if inner_key else ():
+        cls = type(module)
+        children = module._modules
+        child = children.get(part)
+        if (
+            child is None
+            or cls.__getattr__ is not _MODULE_GETATTR
+            or part in module.__dict__
+            or hasattr(cls, part)
+        ):
+            return None
+        links.append((children, part, child))
+        module = child
+    return links
 
 
 def _submodule(inner: nn.Module, inner_key: str) -> nn.Module | None:
     """``inner.get_submodule(inner_key)``, or None where it raises.
 
-    Fast path: follow the registered children (``_modules``) wherever that finds what
-    ``getattr`` would find, i.e. no instance or class attribute of the same name shadows the
-    child and the class keeps ``nn.Module.__getattr__``; anything else takes the slow path.
+    Fast path: follow the registered children (`_links`); anything else takes the slow path.
     """
-    module = inner
-    try:
-        for part in inner_key.split(".") if inner_key else ():
-            cls = type(module)
-            child = module._modules.get(part)
-            if (
-                child is None
-                or cls.__getattr__ is not _MODULE_GETATTR
-                or part in module.__dict__
-                or hasattr(cls, part)
-            ):
-                raise AttributeError(part)
-            module = child
-        return module
-    except AttributeError:
-        pass
+    links = _links(inner, inner_key)
+    if links is not None:
+        return links[-1][2] if links else inner
     try:
         return inner.get_submodule(inner_key)
     except AttributeError:
@@ -280,7 +307,7 @@ def resolve_key(model: nn.Module, inner: nn.Module, prefix: str, key: object) ->
     if isinstance(key, nn.Module):
         index = index_of(inner)
         name = index.by_id.get(id(key))
-        if name is None or index.modules.get(name) is not key:
+        if name is None or (index.modules.get(name) if name else inner) is not key:
             index = index_of(inner, fresh=True)
             name = index.by_id.get(id(key))
         if name is None:
@@ -303,7 +330,8 @@ def resolve_key(model: nn.Module, inner: nn.Module, prefix: str, key: object) ->
         if module is not None:
             index = index_of(inner)
             position = index.order.get(id(module))
-            if position is None or index.modules.get(inner_key) is not module:
+            known = index.modules.get(inner_key) if inner_key else inner
+            if position is None or known is not module:
                 index = index_of(inner, fresh=True)
                 position = index.order.get(id(module), len(index.names))
             yield Resolved(user_prefix + inner_key, module, position, True)

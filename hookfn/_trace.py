@@ -17,14 +17,23 @@ from torch.autograd.graph import get_gradient_edge as gradient_edge
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import Self, TypeAlias
 
-from ._capture import Args, Capture, primary
+from ._capture import Args, Capture, make_capture, primary
 from ._compile import CompileGuard, check_compiled, enclosing
 from ._edits import Edit, EditLike
 from ._errors import CaptureError, EditError, HookfnError, SpecError
-from ._hook import Hook, SpecValue, to_hook
+from ._hook import _CAPTURE, Hook, SpecValue, to_hook
 from ._parallel import ParallelContext
 from ._site import Site, SiteKind
-from ._sites import ModelIndex, _is_glob, _submodule, index_of, resolve_key, unwrap
+from ._sites import (
+    Link,
+    ModelIndex,
+    _is_glob,
+    _links,
+    cached_index,
+    index_of,
+    resolve_key,
+    unwrap,
+)
 
 __all__ = ["Spec", "StopForward", "Trace", "TraceMultiple", "plan"]
 
@@ -125,6 +134,36 @@ class _Planned(NamedTuple):
     order: int
 
 
+class _CachedPlan:
+    """A spec's resolved keys, kept on the model's index for the next run with the same keys.
+
+    Only specs whose keys are all exact names on an unwrapped model are kept. A later run
+    reuses the entry while every registered child on the way to every site is still the one
+    it was (`valid`): a module replaced anywhere on those paths resolves the spec anew. The
+    entry holds the model's submodules, never the model itself (see `ModelIndex`).
+    """
+
+    __slots__ = ("entries", "links", "parallels", "path")
+
+    def __init__(self, entries: list[tuple[int, str, nn.Module, int]], links: list[Link]) -> None:
+        self.entries = entries  # (position in the spec, name, module, order), in model order
+        self.links = links  # every step of every site's path, each once
+        # The modules around the sites (`enclosing`, the model itself left out) and the
+        # DataParallel ones among them: filled by the first `_Around` of this plan.
+        self.path: list[tuple[str, nn.Module, bool]] | None = None
+        self.parallels: list[nn.Module] = []
+
+    def valid(self) -> bool:
+        # A plain loop: `all()` over a generator costs twice as much on this path.
+        for children, part, child in self.links:  # noqa: SIM110
+            if children.get(part) is not child:
+                return False
+        return True
+
+
+_MAX_CACHED_PLANS = 256  # per model; the oldest half is dropped beyond it
+
+
 def _normalize_spec(spec: object) -> list[tuple[object, object]]:
     if isinstance(spec, Mapping):
         return list(spec.items())
@@ -147,31 +186,67 @@ def plan(model: nn.Module, spec: object) -> list[_Planned]:
     Raises:
         HookfnError: A key names no module, a value is not understood, or two keys clash.
     """
+    return _plan(model, spec)[0]
+
+
+def _plan(model: nn.Module, spec: object) -> tuple[list[_Planned], _CachedPlan | None]:
+    """`plan`, and the cache entry it came from or went into (None where none applies)."""
     if not isinstance(model, nn.Module):
         raise SpecError(f"expected a torch.nn.Module as the model, got {type(model).__name__}.")
+    items = _normalize_spec(spec)
+    if not items:
+        return [], None
+    keys = tuple([key for key, _ in items])
+    index = cached_index(model)
+    if index is not None:
+        try:
+            cached = index.plans.get(keys)
+        except TypeError:  # an unhashable key: the general path reports it
+            cached = None
+        if cached is not None and cached.valid():  # type: ignore[attr-defined]
+            entry: _CachedPlan = cached  # type: ignore[assignment]
+            planned = []
+            for position, name, module, order in entry.entries:
+                value = items[position][1]
+                hook = value if type(value) is Hook else to_hook(value, name)
+                planned.append(_Planned(name, module, hook, order))
+            return planned, entry
+    return _resolve(model, items, keys)
+
+
+def _resolve(
+    model: nn.Module, items: list[tuple[object, object]], keys: tuple[object, ...]
+) -> tuple[list[_Planned], _CachedPlan | None]:
     inner, prefix = unwrap(model)
     # id(module) -> (name, module, order, explicit, hook, key)
     chosen: dict[int, tuple[str, nn.Module, int, bool, Hook, object]] = {}
     index: ModelIndex | None = None
-    for key, value in _normalize_spec(spec):
+    # The path of every exact name, while every key is one (else the plan is not cached).
+    links: dict[int, Link] | None = {} if not prefix else None
+    for key, value in items:
         hook = to_hook(value, str(key if isinstance(key, str) else type(key).__name__))
         found: Iterable[tuple[str, nn.Module, int, bool]] | None = None
         if type(key) is str and not prefix and not _is_glob(key):
             # The common case, an exact name on an unwrapped model, without `resolve_key`'s
             # generator; a name it cannot find takes the general path for its error.
-            module = _submodule(model, key)
-            if module is not None:
+            path = _links(model, key)
+            module = path[-1][2] if path else None
+            if module is not None and path is not None:
                 if index is None:
                     index = index_of(model)
                 order = index.order.get(id(module))
                 if order is None or index.modules.get(key) is not module:
                     index = index_of(model, fresh=True)
                     order = index.order.get(id(module), len(index.names))
+                if links is not None:
+                    for link in path:
+                        links[id(link[2])] = link
                 previous = chosen.get(id(module))
                 if previous is None or not previous[3]:  # a glob's match gives way
                     chosen[id(module)] = (key, module, order, True, hook, key)
                     continue
                 found = ((key, module, order, True),)  # a clash: reported below
+        links = None
         if found is None:
             found = [
                 (r.name, r.module, r.order, r.explicit)
@@ -195,7 +270,18 @@ def plan(model: nn.Module, spec: object) -> list[_Planned]:
     ]
     if len(planned) > 1:
         planned.sort(key=_by_order)
-    return planned
+    cached = None
+    if links is not None and index is not None and len(planned) == len(keys):
+        position = {key: i for i, key in enumerate(keys)}
+        cached = _CachedPlan(
+            [(position[p.name], p.name, p.module, p.order) for p in planned], list(links.values())
+        )
+        plans = index.plans
+        if len(plans) >= _MAX_CACHED_PLANS:
+            for old in list(plans)[: _MAX_CACHED_PLANS // 2]:
+                del plans[old]
+        plans[keys] = cached
+    return planned, cached
 
 
 def _by_order(planned: _Planned) -> int:
@@ -363,6 +449,54 @@ def _track(tensor: Tensor) -> Tensor | None:
         return None
 
 
+def _captures_output_only(hook: Hook) -> bool:
+    """Whether ``hook`` only captures outputs (no input, no edit, no gradient)."""
+    return (
+        hook.output
+        and not hook.input
+        and hook.edit is None
+        and hook.edit_input is None
+        and not hook.grad
+        and not hook.grad_input
+        and hook.edit_grad is None
+    )
+
+
+def _capture_hook(
+    token: object, outputs: list[Any], stopper: _Stopper | None, hook: Hook
+) -> Callable[[nn.Module, Any, Any], None]:
+    """The forward hook of a site that only captures its output: the most common one.
+
+    A checkpointed forward re-run during backward (another graph task than the run's, or an
+    autograd worker thread, where the run's token is not active) records nothing, and a
+    capture has nothing to re-apply, so one test covers every case.
+    """
+    active = _ACTIVE
+    graph_task = _graph_task
+    base = graph_task()
+    plain = hook.detach and hook.clone and hook.device is None and hook.dtype is None
+    copy = _PLAIN_COPY if plain else _copier(hook)
+
+    if plain and stopper is None:
+
+        def capture(module: nn.Module, args: Any, output: Any) -> None:
+            if token in active.get() and graph_task() == base:
+                if type(output) is Tensor:
+                    outputs.append(output.detach().clone())
+                else:
+                    outputs.append(_copy_value(copy, output))
+
+        return capture
+
+    def capture_and_count(module: nn.Module, args: Any, output: Any) -> None:
+        if token in active.get() and graph_task() == base:
+            outputs.append(copy(output) if type(output) is Tensor else _copy_value(copy, output))
+            if stopper is not None and len(outputs) == 1:
+                stopper.site_done()
+
+    return capture_and_count
+
+
 class _Sites:
     """Per-kind `Site` objects, made once per call index and reused."""
 
@@ -454,7 +588,42 @@ class Trace(_Scoped):
             )
         around = _Around(model, planned)  # may refuse compiled code (CompileError)
         self._init(planned[0], token=None)
-        self._around: _Around | None = around
+        self._around = around
+
+    __slots__ = (
+        "_around",
+        "_capture",
+        "_context_reset",
+        "_grad_inputs",
+        "_grad_outputs",
+        "_handles",
+        "_inputs",
+        "_outputs",
+        "_owns_token",
+        "_stopper",
+        "_token",
+        "_used",
+        "grad_targets",
+        "hook",
+        "module",
+        "name",
+    )
+    name: str
+    module: nn.Module
+    hook: Hook
+    grad_targets: list[GradientEdge]
+    _around: _Around | None
+    _capture: Capture | None
+    _context_reset: contextvars.Token[frozenset[object]] | None
+    _handles: list[int]
+    _outputs: list[Any]
+    _inputs: list[Args]
+    _grad_outputs: list[Tensor | None]
+    _grad_inputs: list[Tensor | None]
+    _owns_token: bool
+    _stopper: _Stopper | None
+    _token: object
+    _used: bool
 
     @classmethod
     def _from_plan(
@@ -464,8 +633,22 @@ class Trace(_Scoped):
         stopper: _Stopper | None,
         grad_targets: list[GradientEdge],
     ) -> Trace:
+        """A trace of one site of a `TraceMultiple`, which owns the token (the lean path)."""
         self = cls.__new__(cls)
-        self._init(planned, token=token, stopper=stopper, grad_targets=grad_targets)
+        self.name, self.module, self.hook, _ = planned
+        self._owns_token = False
+        self._token = token
+        self._stopper = stopper
+        self.grad_targets = grad_targets
+        self._handles = []
+        self._context_reset = None
+        self._around = None
+        self._outputs = []
+        self._inputs = []
+        self._grad_outputs = []
+        self._grad_inputs = []
+        self._capture = None
+        self._used = False
         return self
 
     def _init(
@@ -480,28 +663,33 @@ class Trace(_Scoped):
         self.module = planned.module
         self.hook = planned.hook
         self._owns_token = token is None
-        self._token: object = object() if token is None else token
+        self._token = object() if token is None else token
         self._stopper = stopper
         # Gradient edges of the tensors given gradient hooks, for `run_with_hooks(backward=)`;
         # taken as the hook fires, so an in-place op after the module cannot move them.
-        self.grad_targets: list[GradientEdge] = [] if grad_targets is None else grad_targets
+        self.grad_targets = [] if grad_targets is None else grad_targets
         # Keys of the hooks this trace inserted into the module's hook dictionaries.
-        self._handles: list[int] = []
-        self._context_reset: contextvars.Token[frozenset[object]] | None = None
+        self._handles = []
+        self._context_reset = None
         self._around = None
         self._reset_records()
         self._used = False  # whether a registration may have written to the records
 
     def _reset_records(self) -> None:
-        self._outputs: list[Any] = []
-        self._inputs: list[Args] = []
-        self._grad_outputs: list[Tensor | None] = []
-        self._grad_inputs: list[Tensor | None] = []
-        self._capture: Capture | None = None
+        self._outputs = []
+        self._inputs = []
+        self._grad_outputs = []
+        self._grad_inputs = []
+        self._capture = None
 
     # -- registration -------------------------------------------------------------------
 
     def _register(self) -> None:
+        """Insert this trace's hooks; the caller holds the registration lock.
+
+        On an error (or an interrupt) part of the hooks may be in place: the caller cleans
+        up with `_remove`, which finds every one of them.
+        """
         if self._handles:
             raise HookfnError(
                 f"the Trace of layer {self.name!r} is already active; a Trace is entered once "
@@ -515,50 +703,49 @@ class Trace(_Scoped):
         hook = self.hook
         # A key is recorded before its hook is inserted, so that `_remove` finds every hook
         # (also after an interrupt between the two).
-        fns: list[Callable[..., Any]] = []
         keys = self._handles
         module = self.module
-        try:
-            with _REGISTRY:
-                if hook.needs_pre_hook:
-                    fns.append(self._make_pre_hook())
-                    key = _next_hook_id()
-                    keys.append(key)
-                    module._forward_pre_hooks_with_kwargs[key] = True
-                    module._forward_pre_hooks[key] = fns[-1]
-                if hook.needs_forward_hook:
-                    fns.append(self._make_forward_hook())
-                    key = _next_hook_id()
-                    keys.append(key)
-                    _insert_forward_hook(module, key, fns[-1])
-        except BaseException:
-            self._remove()
-            raise
+        if hook is _CAPTURE or _captures_output_only(hook):
+            fn = _capture_hook(self._token, self._outputs, self._stopper, hook)
+            key = _next_hook_id()
+            keys.append(key)
+            _insert_forward_hook(module, key, fn)
+            return
+        if hook.needs_pre_hook:
+            fn = self._make_pre_hook()
+            key = _next_hook_id()
+            keys.append(key)
+            module._forward_pre_hooks_with_kwargs[key] = True
+            module._forward_pre_hooks[key] = fn
+        if hook.needs_forward_hook:
+            fn = self._make_forward_hook()
+            key = _next_hook_id()
+            keys.append(key)
+            _insert_forward_hook(module, key, fn)
 
     def _remove(self) -> None:
-        # Resumable: a handle leaves the list only once it is removed (removing it twice is a
-        # no-op), so a cleanup cut short by an interrupt can simply run again.
+        """Remove this trace's hooks; the caller holds the registration lock.
+
+        Resumable: a key leaves the list only once its hook is removed (removing it twice is
+        a no-op), so a cleanup cut short by an interrupt can simply run again.
+        """
         keys = self._handles
         if not keys:
             return
         module = self.module
-        forward, pre, pre_kwargs = (
-            module._forward_hooks,
-            module._forward_pre_hooks,
-            module._forward_pre_hooks_with_kwargs,
-        )
-        with _REGISTRY:
-            while keys:
-                key = keys[-1]
-                forward.pop(key, None)
-                pre.pop(key, None)
-                pre_kwargs.pop(key, None)
-                _OWN_FORWARD_HOOKS.discard(key)
-                keys.pop()
+        forward = module._forward_hooks
+        while keys:
+            key = keys[-1]
+            if forward.pop(key, None) is None:  # a pre-hook's key
+                module._forward_pre_hooks.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+            _OWN_FORWARD_HOOKS.discard(key)
+            keys.pop()
 
     def _close(self) -> None:
         """Remove everything `__enter__` set up; idempotent, so it can be run again."""
-        self._remove()
+        with _REGISTRY:
+            self._remove()
         if self._owns_token:
             if self._around is not None:
                 self._around.detach()
@@ -572,11 +759,12 @@ class Trace(_Scoped):
                 "at a time (make a new one to nest)."
             )
         try:
-            self._register()
+            with _REGISTRY:
+                self._register()
             if self._owns_token:
                 if self._around is not None:
                     self._around.attach(self._token)
-                self._context_reset = _ACTIVE.set(_ACTIVE.get() | {self._token})
+                self._context_reset = _activate(self._token)
             return self
         except BaseException:
             self._close()  # also after a KeyboardInterrupt: nothing stays registered
@@ -787,7 +975,7 @@ class Trace(_Scoped):
         """Everything this trace recorded, as an immutable `Capture`."""
         if self._capture is not None:
             return self._capture
-        capture = Capture(
+        capture = make_capture(
             self.name,
             tuple(self._outputs),
             tuple(self._inputs),
@@ -823,6 +1011,11 @@ class Trace(_Scoped):
         return f"Trace({self.name!r}, {self.hook!r}, {state})"
 
 
+def _activate(token: object) -> contextvars.Token[frozenset[object]]:
+    """Add ``token`` to the runs active in this context; `_deactivate` undoes it."""
+    return _ACTIVE.set(_ACTIVE.get() | {token})
+
+
 def _deactivate(token: object, reset: contextvars.Token[frozenset[object]] | None) -> None:
     """Drop ``token`` from the active set; idempotent.
 
@@ -835,7 +1028,12 @@ def _deactivate(token: object, reset: contextvars.Token[frozenset[object]] | Non
         return
     if reset is not None:
         old = reset.old_value
-        if (frozenset() if old is contextvars.Token.MISSING else old) | {token} == current:
+        # The set is unchanged since `_activate` when it is the old one plus this token.
+        if old is contextvars.Token.MISSING:
+            unchanged = len(current) == 1
+        else:
+            unchanged = len(current) == len(old) + 1 and old <= current
+        if unchanged:
             try:
                 _ACTIVE.reset(reset)
                 return
@@ -855,14 +1053,30 @@ class _Around:
     __slots__ = ("guard", "parallel")
 
     def __init__(
-        self, model: nn.Module, planned: Sequence[_Planned], eager_root: nn.Module | None = None
+        self,
+        model: nn.Module,
+        planned: Sequence[_Planned],
+        eager_root: nn.Module | None = None,
+        cached: _CachedPlan | None = None,
     ) -> None:
         if not planned:  # nothing will be hooked: no compiled code or worker thread to mind
             self.guard = self.parallel = None
             return
-        path = enclosing(model, [(p.name, p.module) for p in planned])
+        if cached is None:
+            path = enclosing(model, [(p.name, p.module) for p in planned])
+            parallels: list[nn.Module] = [
+                module for _, module, _ in path if isinstance(module, nn.DataParallel)
+            ]
+        else:
+            # The path of a cached plan is kept with it; the model itself (not kept, see
+            # `_CachedPlan`) is checked in front of it. Compilation is checked every run.
+            if cached.path is None:
+                found = enclosing(model, [(p.name, p.module) for p in planned])
+                cached.path = [entry for entry in found if entry[1] is not model]
+                cached.parallels = [m for _, m, _ in cached.path if isinstance(m, nn.DataParallel)]
+            path = [("", model, False), *cached.path]
+            parallels = cached.parallels
         wrappers = check_compiled(model, path, eager_root=eager_root)
-        parallels = [module for _, module, _ in path if isinstance(module, nn.DataParallel)]
         # None where there is nothing to set up (the common case): attach and detach are free.
         self.guard = CompileGuard(wrappers) if wrappers else None
         self.parallel = ParallelContext(parallels) if parallels else None
@@ -913,18 +1127,17 @@ class TraceMultiple(_Scoped, Mapping[str, Trace]):
         stop_early: bool = False,
         _eager_root: nn.Module | None = None,
     ) -> None:
-        planned = plan(model, layers)
+        planned, cached = _plan(model, layers)
         # `run_with_hooks` passes the in-place compiled module it calls eagerly (_compile.py).
-        self._around = _Around(model, planned, _eager_root)
+        self._around = _Around(model, planned, _eager_root, cached)
         self.model = model
-        self._token = object()
+        token = self._token = object()
         capturing = sum(1 for p in planned if p.hook.captures_forward) if stop_early else 0
-        self._stopper = _Stopper(self._token, capturing) if capturing else None
-        self.grad_targets: list[GradientEdge] = []
-        self._traces = {
-            p.name: Trace._from_plan(p, self._token, self._stopper, self.grad_targets)
-            for p in planned
-        }
+        stopper = self._stopper = _Stopper(token, capturing) if capturing else None
+        targets: list[GradientEdge] = []
+        self.grad_targets = targets
+        from_plan = Trace._from_plan
+        self._traces = {p.name: from_plan(p, token, stopper, targets) for p in planned}
         self._context_reset: contextvars.Token[frozenset[object]] | None = None
         self._entered = False
 
@@ -932,17 +1145,18 @@ class TraceMultiple(_Scoped, Mapping[str, Trace]):
         if self._entered:
             raise HookfnError("this TraceMultiple is already active; make a new one to nest.")
         self._entered = True
+        traces = self._traces
+        if not traces:
+            return self  # nothing to register, nothing to gate
         try:
             if self._stopper is not None:
-                self._stopper.pending = sum(
-                    1 for t in self._traces.values() if t.hook.captures_forward
-                )
+                self._stopper.pending = sum(1 for t in traces.values() if t.hook.captures_forward)
             self.grad_targets.clear()
             with _REGISTRY:
-                for trace in self._traces.values():
+                for trace in traces.values():
                     trace._register()
             self._around.attach(self._token)
-            self._context_reset = _ACTIVE.set(_ACTIVE.get() | {self._token})
+            self._context_reset = _activate(self._token)
             return self
         except BaseException:
             self._close()  # also after a KeyboardInterrupt: nothing stays registered
@@ -950,12 +1164,15 @@ class TraceMultiple(_Scoped, Mapping[str, Trace]):
 
     def _close(self) -> None:
         """Remove everything `__enter__` set up; idempotent, so it can be run again."""
-        for trace in self._traces.values():
-            trace._remove()
-        self._around.detach()
-        _IN_BACKWARD.pop(self._token, None)  # (if an interrupt cut `backward=` short)
-        reset, self._context_reset = self._context_reset, None
-        _deactivate(self._token, reset)
+        traces = self._traces
+        if traces:
+            with _REGISTRY:
+                for trace in traces.values():
+                    trace._remove()
+            self._around.detach()
+            _IN_BACKWARD.pop(self._token, None)  # (if an interrupt cut `backward=` short)
+            reset, self._context_reset = self._context_reset, None
+            _deactivate(self._token, reset)
         self._entered = False
 
     def __getitem__(self, name: str) -> Trace:

@@ -1,0 +1,147 @@
+"""The resolved spec kept between runs: it never outlives the model, never goes stale.
+
+A run with the same keys as an earlier one reuses that run's resolution. Each test changes
+the model between two runs in a way that must be seen, and compares the second run with
+raw ``register_forward_hook`` hooks on the model as it is then.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from hookfn import CompileError, Hook, Trace, TraceMultiple, add, run_with_hooks
+from hookfn._sites import cached_index
+
+
+def make_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 6), nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Linear(6, 3)
+    ).eval()
+
+
+def raw_outputs(model: nn.Module, x: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The reference: plain forward hooks storing clones."""
+    store: dict[str, Tensor] = {}
+    handles = []
+    for name in names:
+
+        def hook(module: nn.Module, args: Any, out: Tensor, name: str = name) -> None:
+            store[name] = out.detach().clone()
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, store
+
+
+NAMES = ["0", "1.0", "1.1", "2"]
+
+
+def assert_matches_raw(model: nn.Module, x: Tensor, spec: Any) -> None:
+    out, caches = run_with_hooks(model, x, spec)
+    ref_out, ref = raw_outputs(model, x, NAMES)
+    torch.testing.assert_close(out, ref_out)
+    assert list(caches) == NAMES
+    for name in NAMES:
+        torch.testing.assert_close(caches[name].output, ref[name])
+
+
+RUNS: dict[str, Callable[[nn.Module, Tensor], object]] = {
+    "names": lambda m, x: run_with_hooks(m, x, NAMES),
+    "edit": lambda m, x: run_with_hooks(m, x, {"1.0": add(torch.ones(6)), "2": "capture"}),
+    "glob": lambda m, x: run_with_hooks(m, x, ["**"]),
+    "module key": lambda m, x: run_with_hooks(m, x, {m[1]: "capture"}),  # type: ignore[index]
+    "root": lambda m, x: run_with_hooks(m, x, [""]),
+    "Trace": lambda m, x: Trace(m, "1.0").__enter__().__exit__(None, None, None),
+    "TraceMultiple": lambda m, x: TraceMultiple(m, NAMES).__enter__().__exit__(None, None, None),
+}
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_a_hooked_model_is_freed_when_dropped(run: str) -> None:
+    model = make_net()
+    x = torch.randn(2, 6)
+    RUNS[run](model, x)
+    RUNS[run](model, x)  # the second run takes the kept resolution where there is one
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None, "the model is still referenced after the runs"
+
+
+def test_the_same_keys_run_twice_match_raw_hooks_both_times() -> None:
+    model, x = make_net(), torch.randn(2, 6)
+    assert_matches_raw(model, x, NAMES)
+    index = cached_index(model)
+    assert index is not None
+    assert tuple(NAMES) in index.plans
+    assert_matches_raw(model, x, NAMES)
+
+
+def test_a_replaced_layer_is_hooked_in_the_next_run() -> None:
+    model, x = make_net(), torch.randn(2, 6)
+    run_with_hooks(model, x, NAMES)
+    model[2] = nn.Linear(6, 3)
+    assert_matches_raw(model, x, NAMES)
+    _, caches = run_with_hooks(model, x, ["2"])
+    torch.testing.assert_close(caches["2"].output, model[2](model[1](model[0](x))))
+
+
+def test_a_replaced_parent_is_followed_in_the_next_run() -> None:
+    model, x = make_net(), torch.randn(2, 6)
+    run_with_hooks(model, x, NAMES)
+    model[1] = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+    assert_matches_raw(model, x, NAMES)
+
+
+def test_a_removed_layer_is_reported_in_the_next_run() -> None:
+    from hookfn import LayerNotFoundError
+
+    model, x = make_net(), torch.randn(2, 6)
+    run_with_hooks(model, x, NAMES)
+    model[1] = nn.Linear(6, 6)  # "1.0" and "1.1" no longer exist
+    with pytest.raises(LayerNotFoundError, match=r"1\.0"):
+        run_with_hooks(model, x, NAMES)
+
+
+def test_new_values_for_the_same_keys_are_used() -> None:
+    model, x = make_net(), torch.randn(2, 6)
+    for scale in (1.0, -2.0, 0.5):
+        delta = torch.randn(6) * scale
+        out, _ = run_with_hooks(model, x, {"0": add(delta), "2": Hook(output=False)})
+        with torch.no_grad():
+            expected = model[2](model[1](model[0](x) + delta))
+        torch.testing.assert_close(out, expected)
+
+
+def test_a_layer_compiled_in_place_after_a_run_is_refused() -> None:
+    model, x = make_net(), torch.randn(2, 6)
+    run_with_hooks(model, x, NAMES)
+    model[1].compile(backend="eager")
+    with pytest.raises(CompileError, match="'1'"):
+        run_with_hooks(model, x, NAMES)
+
+
+def test_the_kept_resolutions_are_bounded() -> None:
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(20)])
+    x = torch.randn(1, 2)
+    for i in range(20):
+        for j in range(20):
+            if i != j:
+                _, caches = run_with_hooks(model, x, [str(i), str(j)])
+                assert list(caches) == sorted([str(i), str(j)], key=int)
+    index = cached_index(model)
+    assert index is not None
+    assert 0 < len(index.plans) <= 256
+    assert ("19", "18") in index.plans  # the latest is kept
