@@ -143,11 +143,16 @@ class _CachedPlan:
     entry holds the model's submodules, never the model itself (see `ModelIndex`).
     """
 
-    __slots__ = ("entries", "links", "parallels", "path")
+    __slots__ = ("captures", "entries", "last", "links", "parallels", "path")
 
     def __init__(self, entries: list[tuple[int, str, nn.Module, int]], links: list[Link]) -> None:
         self.entries = entries  # (position in the spec, name, module, order), in model order
         self.links = links  # every step of every site's path, each once
+        # The plan of these keys captured (a list spec), and the plan of the latest run.
+        self.captures = tuple(
+            _Planned(name, module, _CAPTURE, order) for _, name, module, order in entries
+        )
+        self.last: list[_Planned] = list(self.captures)
         # The modules around the sites (`enclosing`, the model itself left out) and the
         # DataParallel ones among them: filled by the first `_Around` of this plan.
         self.path: list[tuple[str, nn.Module, bool]] | None = None
@@ -193,25 +198,46 @@ def _plan(model: nn.Module, spec: object) -> tuple[list[_Planned], _CachedPlan |
     """`plan`, and the cache entry it came from or went into (None where none applies)."""
     if not isinstance(model, nn.Module):
         raise SpecError(f"expected a torch.nn.Module as the model, got {type(model).__name__}.")
+    kind = type(spec)
+    if kind is dict or kind is list or kind is tuple:
+        # A plain dict or list: its keys, without building (key, value) pairs first.
+        given: dict[object, object] | list[object] = spec  # type: ignore[assignment]
+        if not given:
+            return [], None
+        keys = tuple(given)
+        index = cached_index(model)
+        if index is not None:
+            try:
+                entry = index.plans.get(keys)
+            except TypeError:  # an unhashable key: the general path reports it
+                entry = None
+            if isinstance(entry, _CachedPlan) and entry.valid():
+                return _reuse(entry, given if isinstance(given, dict) else None)
+        if isinstance(given, dict):
+            return _resolve(model, list(given.items()), keys)
+        return _resolve(model, [(key, "capture") for key in given], keys)
     items = _normalize_spec(spec)
     if not items:
         return [], None
-    keys = tuple([key for key, _ in items])
-    index = cached_index(model)
-    if index is not None:
-        try:
-            cached = index.plans.get(keys)
-        except TypeError:  # an unhashable key: the general path reports it
-            cached = None
-        if cached is not None and cached.valid():  # type: ignore[attr-defined]
-            entry: _CachedPlan = cached  # type: ignore[assignment]
-            planned = []
-            for position, name, module, order in entry.entries:
-                value = items[position][1]
-                hook = value if type(value) is Hook else to_hook(value, name)
-                planned.append(_Planned(name, module, hook, order))
-            return planned, entry
-    return _resolve(model, items, keys)
+    return _resolve(model, items, tuple([key for key, _ in items]))
+
+
+def _reuse(
+    entry: _CachedPlan, spec: dict[object, object] | None
+) -> tuple[list[_Planned], _CachedPlan]:
+    """The plan of a kept resolution, with the hooks of this run's spec values."""
+    if spec is None:  # keys alone: capture each
+        return list(entry.captures), entry
+    planned = []
+    values = list(spec.values())
+    for (position, name, module, order), last in zip(entry.entries, entry.last, strict=True):
+        value = values[position]
+        hook = value if type(value) is Hook else to_hook(value, name)
+        # The same hook as the last run with these keys (a spec reused as it is): its
+        # planned entry is reused too.
+        planned.append(last if last.hook is hook else _Planned(name, module, hook, order))
+    entry.last = planned
+    return planned, entry
 
 
 def _resolve(
@@ -309,6 +335,9 @@ def _make_copier(
 
 
 _PLAIN_COPY = _make_copier(True, True, None, None)
+
+# The records a trace has not made lists for: nothing is ever appended to it.
+_NONE_RECORDED: Any = ()
 
 
 def _copy_value(copy: Callable[[Tensor], Tensor], value: Any) -> Any:
@@ -413,21 +442,15 @@ def _next_hook_id() -> int:
     return key
 
 
-def _insert_forward_hook(
-    module: nn.Module, key: int, fn: Callable[[nn.Module, Any, Any], Any]
-) -> None:
-    """Insert ``fn`` after hookfn's earlier forward hooks and before every other one.
+def _move_first(hooks: dict[int, Any], key: int) -> None:
+    """Move the forward hook ``key`` after hookfn's earlier hooks and before every other one.
 
     Every other forward hook of the module (the user's, or a library's, such as the ones
     transformers records ``hidden_states`` with, which may predate this run) then sees the
     edited output, while nested runs keep their order: an inner run's hook runs after, and so
     sees the edits of, the runs around it. The other hooks keep their relative order.
     """
-    hooks = module._forward_hooks
-    _OWN_FORWARD_HOOKS.add(key)
-    hooks[key] = fn
-    # Alone in the dictionary (the common case), the new hook has nothing to move past.
-    if len(hooks) > 1 and hasattr(hooks, "move_to_end"):
+    if hasattr(hooks, "move_to_end"):
         hooks.move_to_end(key, last=False)
         earlier = sorted(k for k in hooks if k in _OWN_FORWARD_HOOKS and k != key)
         for k in reversed(earlier):  # hook ids grow with registration order
@@ -462,31 +485,13 @@ def _captures_output_only(hook: Hook) -> bool:
     )
 
 
-def _capture_hook(
-    token: object, outputs: list[Any], stopper: _Stopper | None, hook: Hook
+def _capture_hook_with(
+    token: object, outputs: list[Any], base: int, stopper: _Stopper | None, hook: Hook
 ) -> Callable[[nn.Module, Any, Any], None]:
-    """The forward hook of a site that only captures its output: the most common one.
-
-    A checkpointed forward re-run during backward (another graph task than the run's, or an
-    autograd worker thread, where the run's token is not active) records nothing, and a
-    capture has nothing to re-apply, so one test covers every case.
-    """
+    """A capture-only forward hook with the hook's copy options, counting for ``stop_early``."""
     active = _ACTIVE
     graph_task = _graph_task
-    base = graph_task()
-    plain = hook.detach and hook.clone and hook.device is None and hook.dtype is None
-    copy = _PLAIN_COPY if plain else _copier(hook)
-
-    if plain and stopper is None:
-
-        def capture(module: nn.Module, args: Any, output: Any) -> None:
-            if token in active.get() and graph_task() == base:
-                if type(output) is Tensor:
-                    outputs.append(output.detach().clone())
-                else:
-                    outputs.append(_copy_value(copy, output))
-
-        return capture
+    copy = _copier(hook)
 
     def capture_and_count(module: nn.Module, args: Any, output: Any) -> None:
         if token in active.get() and graph_task() == base:
@@ -495,6 +500,17 @@ def _capture_hook(
                 stopper.site_done()
 
     return capture_and_count
+
+
+def _plain_capture(hook: Hook) -> bool:
+    """Whether ``hook`` only captures outputs, with the default copy."""
+    return hook is _CAPTURE or (
+        _captures_output_only(hook)
+        and hook.detach
+        and hook.clone
+        and hook.device is None
+        and hook.dtype is None
+    )
 
 
 class _Sites:
@@ -592,6 +608,7 @@ class Trace(_Scoped):
 
     __slots__ = (
         "_around",
+        "_base",
         "_capture",
         "_context_reset",
         "_grad_inputs",
@@ -613,6 +630,7 @@ class Trace(_Scoped):
     hook: Hook
     grad_targets: list[GradientEdge]
     _around: _Around | None
+    _base: int  # the autograd graph task the trace was entered in (see `_Replays`)
     _capture: Capture | None
     _context_reset: contextvars.Token[frozenset[object]] | None
     _handles: list[int]
@@ -644,9 +662,8 @@ class Trace(_Scoped):
         self._context_reset = None
         self._around = None
         self._outputs = []
-        self._inputs = []
-        self._grad_outputs = []
-        self._grad_inputs = []
+        # Lists for these are made only by a registration that records into them.
+        self._inputs = self._grad_outputs = self._grad_inputs = _NONE_RECORDED
         self._capture = None
         self._used = False
         return self
@@ -684,11 +701,12 @@ class Trace(_Scoped):
 
     # -- registration -------------------------------------------------------------------
 
-    def _register(self) -> None:
+    def _register(self, base: int) -> None:
         """Insert this trace's hooks; the caller holds the registration lock.
 
-        On an error (or an interrupt) part of the hooks may be in place: the caller cleans
-        up with `_remove`, which finds every one of them.
+        ``base`` is the autograd graph task the run is entered in (see `_Replays`). On an
+        error (or an interrupt) part of the hooks may be in place: the caller cleans up with
+        `_remove`, which finds every one of them.
         """
         if self._handles:
             raise HookfnError(
@@ -705,23 +723,31 @@ class Trace(_Scoped):
         # (also after an interrupt between the two).
         keys = self._handles
         module = self.module
-        if hook is _CAPTURE or _captures_output_only(hook):
-            fn = _capture_hook(self._token, self._outputs, self._stopper, hook)
-            key = _next_hook_id()
-            keys.append(key)
-            _insert_forward_hook(module, key, fn)
-            return
-        if hook.needs_pre_hook:
-            fn = self._make_pre_hook()
-            key = _next_hook_id()
-            keys.append(key)
-            module._forward_pre_hooks_with_kwargs[key] = True
-            module._forward_pre_hooks[key] = fn
-        if hook.needs_forward_hook:
+        if self._stopper is None and _plain_capture(hook):
+            self._base = base
+            fn: Callable[[nn.Module, Any, Any], Any] = self._capture_output
+        elif _captures_output_only(hook):
+            fn = _capture_hook_with(self._token, self._outputs, base, self._stopper, hook)
+        else:
+            if self._inputs is _NONE_RECORDED:
+                self._inputs, self._grad_outputs, self._grad_inputs = [], [], []
+            if hook.needs_pre_hook:
+                pre = self._make_pre_hook()
+                key = _next_hook_id()
+                keys.append(key)
+                module._forward_pre_hooks_with_kwargs[key] = True
+                module._forward_pre_hooks[key] = pre
+            if not hook.needs_forward_hook:
+                return
             fn = self._make_forward_hook()
-            key = _next_hook_id()
-            keys.append(key)
-            _insert_forward_hook(module, key, fn)
+        key = RemovableHandle.next_id  # (see _next_hook_id)
+        RemovableHandle.next_id = key + 1
+        keys.append(key)
+        _OWN_FORWARD_HOOKS.add(key)
+        hooks = module._forward_hooks
+        hooks[key] = fn
+        if len(hooks) > 1:  # alone in the dictionary (the common case), nothing to reorder
+            _move_first(hooks, key)
 
     def _remove(self) -> None:
         """Remove this trace's hooks; the caller holds the registration lock.
@@ -760,7 +786,7 @@ class Trace(_Scoped):
             )
         try:
             with _REGISTRY:
-                self._register()
+                self._register(_graph_task())
             if self._owns_token:
                 if self._around is not None:
                     self._around.attach(self._token)
@@ -771,6 +797,20 @@ class Trace(_Scoped):
             raise
 
     # -- the hook path ------------------------------------------------------------------
+
+    def _capture_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        """The forward hook of a site that only captures its output, with the default copy:
+        the most common hook, kept to the fewest steps (a bound method: no closure to make).
+
+        A checkpointed forward re-run during backward (another graph task than the run's, or
+        an autograd worker thread, where the run's token is not active) records nothing, and
+        a capture has nothing to re-apply, so one test covers every case.
+        """
+        if self._token in _ACTIVE.get() and _graph_task() == self._base:
+            if type(output) is Tensor:
+                self._outputs.append(output.detach().clone())
+            else:
+                self._outputs.append(_copy_value(_PLAIN_COPY, output))
 
     # A static method: a hook closure that held a bound method would tie the trace, and the
     # tensors it recorded, into a reference cycle that only the cyclic GC frees.
@@ -1152,9 +1192,10 @@ class TraceMultiple(_Scoped, Mapping[str, Trace]):
             if self._stopper is not None:
                 self._stopper.pending = sum(1 for t in traces.values() if t.hook.captures_forward)
             self.grad_targets.clear()
+            base = _graph_task()
             with _REGISTRY:
                 for trace in traces.values():
-                    trace._register()
+                    trace._register(base)
             self._around.attach(self._token)
             self._context_reset = _activate(self._token)
             return self
