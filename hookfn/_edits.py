@@ -376,22 +376,30 @@ def _kind(site: Site) -> str:
 
 
 def _to_like(value: Tensor | float, x: Tensor) -> Tensor | float:
-    if isinstance(value, Tensor) and (value.device != x.device or value.dtype != x.dtype):
+    if isinstance(value, Tensor) and (value.dtype is not x.dtype or value.device != x.device):
         return value.to(device=x.device, dtype=x.dtype)
     return value
 
 
 def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
     """Whether a tensor of ``shape`` broadcasts to ``target`` (without changing ``target``)."""
-    if len(shape) > len(target):
+    n = len(shape)
+    if n > len(target):
         return False
-    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target), strict=False))
+    # A loop over negative indices: edits run this on every call, a generator costs more.
+    for i in range(1, n + 1):
+        size = shape[-i]
+        if size != 1 and size != target[-i]:
+            return False
+    return True
 
 
 def _check_broadcast(
     value: Tensor | float | None, x: Tensor, edit: Edit, site: Site, what: str
 ) -> None:
-    if isinstance(value, Tensor) and not _broadcasts(value.shape, x.shape):
+    if isinstance(value, Tensor) and not (
+        value.shape == x.shape or _broadcasts(value.shape, x.shape)
+    ):
         raise EditError(
             f"{_where(edit, site)}: the {what} has shape {tuple(value.shape)}, which does not "
             f"broadcast to the {_kind(site)} of shape {tuple(x.shape)}; pass a scalar or a "

@@ -143,7 +143,7 @@ class _CachedPlan:
     entry holds the model's submodules, never the model itself (see `ModelIndex`).
     """
 
-    __slots__ = ("captures", "entries", "last", "links", "parallels", "path")
+    __slots__ = ("captures", "entries", "last", "links", "parallels", "path", "sites")
 
     def __init__(self, entries: list[tuple[int, str, nn.Module, int]], links: list[Link]) -> None:
         self.entries = entries  # (position in the spec, name, module, order), in model order
@@ -157,6 +157,8 @@ class _CachedPlan:
         # DataParallel ones among them: filled by the first `_Around` of this plan.
         self.path: list[tuple[str, nn.Module, bool]] | None = None
         self.parallels: list[nn.Module] = []
+        # The `Site` objects edits receive, by (name, kind): made once for every run.
+        self.sites: dict[tuple[str, str], _Sites] = {}
 
     def valid(self) -> bool:
         # A plain loop: `all()` over a generator costs twice as much on this path.
@@ -514,9 +516,16 @@ def _plain_capture(hook: Hook) -> bool:
 
 
 class _Sites:
-    """Per-kind `Site` objects, made once per call index and reused."""
+    """Per-kind `Site` objects, made once per call index and reused.
+
+    Kept with a cached plan (`_CachedPlan.sites`), so shared by the runs of one spec, also
+    concurrent ones: made under a lock, and only for the first calls of a module (a module
+    called more often, e.g. in generation, gets a fresh `Site` for each further call).
+    """
 
     __slots__ = ("kind", "module", "name", "sites")
+
+    KEEP = 64  # call indices whose sites are kept
 
     def __init__(self, name: str, module: nn.Module, kind: SiteKind) -> None:
         self.name = name
@@ -526,9 +535,17 @@ class _Sites:
 
     def __getitem__(self, call: int) -> Site:
         sites = self.sites
-        while len(sites) <= call:
-            sites.append(Site(self.name, call=len(sites), kind=self.kind, module=self.module))
+        if call < len(sites):
+            return sites[call]
+        if call >= self.KEEP:
+            return Site(self.name, call=call, kind=self.kind, module=self.module)
+        with _SITES_LOCK:
+            while len(sites) <= call:
+                sites.append(Site(self.name, call=len(sites), kind=self.kind, module=self.module))
         return sites[call]
+
+
+_SITES_LOCK = threading.Lock()
 
 
 # Stands in for the `_Sites` of a hook that never reads one (no edit, no gradient hook).
@@ -595,28 +612,34 @@ class Trace(_Scoped):
     ) -> None:
         if hook is None:
             hook = to_hook((retain_output, retain_input, edit_output), str(layer))
-        planned = plan(model, {layer: hook})
+        planned, cached = _plan(model, {layer: hook})
         if len(planned) != 1:
             names = ", ".join(repr(p.name) for p in planned[:4])
             raise SpecError(
                 f"Trace hooks exactly one layer, but {layer!r} matches {len(planned)} "
                 f"({names}, ...); use TraceMultiple for several."
             )
-        around = _Around(model, planned)  # may refuse compiled code (CompileError)
-        self._init(planned[0], token=None)
+        around = _Around(model, planned, None, cached)  # may refuse compiled code
+        self._init(planned[0], token=None, cache=cached)
         self._around = around
 
     __slots__ = (
         "_around",
         "_base",
+        "_calls",
         "_capture",
         "_context_reset",
+        "_copy",
         "_grad_inputs",
         "_grad_outputs",
+        "_grad_sites",
         "_handles",
         "_inputs",
+        "_out_sites",
         "_outputs",
         "_owns_token",
+        "_plan_cache",
+        "_replays",
         "_stopper",
         "_token",
         "_used",
@@ -631,6 +654,14 @@ class Trace(_Scoped):
     grad_targets: list[GradientEdge]
     _around: _Around | None
     _base: int  # the autograd graph task the trace was entered in (see `_Replays`)
+    # The state of `_forward_hook`, set up by `_register`: forward calls recorded, the
+    # re-runs' matching (made on the first re-run), sites, and the copy of captured tensors.
+    _calls: int
+    _replays: _Replays | None
+    _out_sites: _Sites
+    _grad_sites: _Sites
+    _copy: Callable[[Tensor], Tensor]
+    _plan_cache: _CachedPlan | None  # where `Site` objects are kept between runs
     _capture: Capture | None
     _context_reset: contextvars.Token[frozenset[object]] | None
     _handles: list[int]
@@ -650,10 +681,12 @@ class Trace(_Scoped):
         token: object,
         stopper: _Stopper | None,
         grad_targets: list[GradientEdge],
+        cache: _CachedPlan | None,
     ) -> Trace:
         """A trace of one site of a `TraceMultiple`, which owns the token (the lean path)."""
         self = cls.__new__(cls)
         self.name, self.module, self.hook, _ = planned
+        self._plan_cache = cache
         self._owns_token = False
         self._token = token
         self._stopper = stopper
@@ -675,7 +708,9 @@ class Trace(_Scoped):
         token: object | None,
         stopper: _Stopper | None = None,
         grad_targets: list[GradientEdge] | None = None,
+        cache: _CachedPlan | None = None,
     ) -> None:
+        self._plan_cache = cache
         self.name = planned.name
         self.module = planned.module
         self.hook = planned.hook
@@ -739,7 +774,15 @@ class Trace(_Scoped):
                 module._forward_pre_hooks[key] = pre
             if not hook.needs_forward_hook:
                 return
-            fn = self._make_forward_hook()
+            self._base = base
+            self._calls = 0
+            self._replays = None
+            self._out_sites = self._sites_of("output") if hook.edit is not None else _NO_SITES
+            wants_grad = hook.grad or hook.edit_grad is not None
+            self._grad_sites = self._sites_of("grad_output") if wants_grad else _NO_SITES
+            plain = hook.detach and hook.clone and hook.device is None and hook.dtype is None
+            self._copy = _PLAIN_COPY if plain else _copier(hook)
+            fn = self._forward_hook
         key = RemovableHandle.next_id  # (see _next_hook_id)
         RemovableHandle.next_id = key + 1
         keys.append(key)
@@ -834,89 +877,84 @@ class Trace(_Scoped):
 
         return on_grad
 
-    def _make_forward_hook(self) -> Callable[[nn.Module, Any, Any], Any]:
-        active = _ACTIVE
+    def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """The forward hook of every site but the capture-only ones (`_capture_output`).
+
+        A bound method, whose state `_register` sets up in slots: no closure to make per
+        site and run.
+        """
         token = self._token
+        if token not in _ACTIVE.get():
+            tasks = _IN_BACKWARD.get(token)
+            if tasks is None or _graph_task() not in tasks:
+                return None
+            replaying = True  # a re-run in an autograd worker thread (see _IN_BACKWARD)
+        else:
+            replaying = _graph_task() != self._base
         hook = self.hook
         edit = hook.edit
-        keep_output = hook.output
-        keep_grad = hook.grad
-        edit_grad = hook.edit_grad
-        wants_grad = keep_grad or edit_grad is not None
-        outputs = self._outputs
-        grads = self._grad_outputs
-        # The default copy (detach, clone, same device and dtype), inlined on the hook path.
-        plain = hook.detach and hook.clone and hook.device is None and hook.dtype is None
-        copy = _PLAIN_COPY if plain else _copier(hook)
-        name = self.name
-        # Sites are only read by edits and gradient hooks; made when they can be needed.
-        sites = _Sites(name, self.module, "output") if edit is not None else _NO_SITES
-        grad_sites = _Sites(name, self.module, "grad_output") if wants_grad else _NO_SITES
-        stopper = self._stopper if hook.output else None
-        grad_hook = self._grad_hook
-        targets = self.grad_targets
-        calls = 0
-        base = _graph_task()
-        # Replays are only looked up to re-apply an edit (see `_Replays`).
-        replays = _Replays(base) if edit is not None else _NO_REPLAYS
-        graph_task = _graph_task
-        in_backward = _IN_BACKWARD
-
-        def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
-            nonlocal calls
-            if token not in active.get():
-                tasks = in_backward.get(token)
-                if tasks is None or graph_task() not in tasks:
-                    return None
-                replaying = True  # a re-run in an autograd worker thread (see _IN_BACKWARD)
-            else:
-                replaying = graph_task() != base
-            if replaying:
-                # Activation checkpointing re-runs this forward during backward: apply the
-                # edit again, identically, and record nothing (the first run did).
-                if edit is None:
-                    return None
-                call = replays.call(calls)
-            else:
-                call = calls
-                calls += 1
-            result = None
-            if edit is not None:
-                x = output if type(output) is Tensor else primary(output)
-                if x is None:
-                    raise _no_primary(name, "output", output)
-                site = sites[call]
-                y = _check_edit_result(x, edit(x, site), site, edit)
-                if y is not x:
-                    output = result = _replace_primary(output, y, name, "output")
-            if replaying:
-                return result
-            if wants_grad:
-                tensor = output if type(output) is Tensor else primary(output)
-                slot = len(grads)
-                grads.append(None)
-                if tensor is not None and not tensor.requires_grad:
-                    tracked = _track(tensor)
-                    if tracked is not None:
-                        tensor = tracked
-                        output = result = _replace_primary(output, tracked, name, "output")
-                if tensor is not None and tensor.requires_grad:
-                    tensor.register_hook(  # type: ignore[no-untyped-call]
-                        grad_hook(grads, slot, edit_grad, grad_sites[call], keep_grad, copy)
-                    )
-                    targets.append(gradient_edge(tensor))
-            if keep_output:
-                if plain and type(output) is Tensor:
-                    outputs.append(output.detach().clone())
-                else:
-                    outputs.append(
-                        copy(output) if type(output) is Tensor else _copy_value(copy, output)
-                    )
-                if call == 0 and stopper is not None:
-                    stopper.site_done()
+        if replaying:
+            # Activation checkpointing re-runs this forward during backward: apply the edit
+            # again, identically, and record nothing (the first run did).
+            if edit is None:
+                return None
+            replays = self._replays
+            if replays is None:
+                replays = self._replays = _Replays(self._base)
+            call = replays.call(self._calls)
+        else:
+            call = self._calls
+            self._calls = call + 1
+        result = None
+        if edit is not None:
+            x = output if type(output) is Tensor else primary(output)
+            if x is None:
+                raise _no_primary(self.name, "output", output)
+            site = self._out_sites[call]
+            y = _check_edit_result(x, edit(x, site), site, edit)
+            if y is not x:
+                output = result = _replace_primary(output, y, self.name, "output")
+        if replaying:
             return result
+        if hook.grad or hook.edit_grad is not None:
+            tensor = output if type(output) is Tensor else primary(output)
+            grads = self._grad_outputs
+            slot = len(grads)
+            grads.append(None)
+            if tensor is not None and not tensor.requires_grad:
+                tracked = _track(tensor)
+                if tracked is not None:
+                    tensor = tracked
+                    output = result = _replace_primary(output, tracked, self.name, "output")
+            if tensor is not None and tensor.requires_grad:
+                tensor.register_hook(  # type: ignore[no-untyped-call]
+                    self._grad_hook(
+                        grads, slot, hook.edit_grad, self._grad_sites[call], hook.grad, self._copy
+                    )
+                )
+                self.grad_targets.append(gradient_edge(tensor))
+        if hook.output:
+            copy = self._copy
+            if copy is _PLAIN_COPY and type(output) is Tensor:
+                self._outputs.append(output.detach().clone())
+            else:
+                self._outputs.append(
+                    copy(output) if type(output) is Tensor else _copy_value(copy, output)
+                )
+            if call == 0 and self._stopper is not None:
+                self._stopper.site_done()
+        return result
 
-        return forward_hook
+    def _sites_of(self, kind: SiteKind) -> _Sites:
+        """The `Site` objects of this trace's ``kind``: kept with a cached plan, else new."""
+        cache = self._plan_cache
+        if cache is None:
+            return _Sites(self.name, self.module, kind)
+        key = (self.name, kind)
+        sites = cache.sites.get(key)
+        if sites is None or sites.module is not self.module:
+            sites = cache.sites[key] = _Sites(self.name, self.module, kind)
+        return sites
 
     def _make_pre_hook(self) -> Callable[[nn.Module, Any, Any], Any]:
         active = _ACTIVE
@@ -930,8 +968,8 @@ class Trace(_Scoped):
         grads = self._grad_inputs
         copy = _copier(hook)
         name = self.name
-        sites = _Sites(name, self.module, "input") if edit is not None else _NO_SITES
-        grad_sites = _Sites(name, self.module, "grad_input") if wants_grad else _NO_SITES
+        sites = self._sites_of("input") if edit is not None else _NO_SITES
+        grad_sites = self._sites_of("grad_input") if wants_grad else _NO_SITES
         stopper = self._stopper if (hook.input and not hook.output) else None
         grad_hook = self._grad_hook
         targets = self.grad_targets
@@ -1177,7 +1215,7 @@ class TraceMultiple(_Scoped, Mapping[str, Trace]):
         targets: list[GradientEdge] = []
         self.grad_targets = targets
         from_plan = Trace._from_plan
-        self._traces = {p.name: from_plan(p, token, stopper, targets) for p in planned}
+        self._traces = {p.name: from_plan(p, token, stopper, targets, cached) for p in planned}
         self._context_reset: contextvars.Token[frozenset[object]] | None = None
         self._entered = False
 

@@ -145,3 +145,27 @@ def test_the_kept_resolutions_are_bounded() -> None:
     assert index is not None
     assert 0 < len(index.plans) <= 256
     assert ("19", "18") in index.plans  # the latest is kept
+
+
+def test_sites_given_to_edits_are_right_in_every_run_and_call() -> None:
+    """Sites are kept between runs of one spec: each run still counts its calls from 0,
+    also past the calls whose sites are kept, and names the module of that run."""
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(*[shared] * 70)  # one module called 70 times
+    x = torch.randn(1, 4)
+    seen: list[tuple[str, int, str, nn.Module]] = []
+
+    def record(t: Tensor, site: Any) -> Tensor:
+        seen.append((str(site), site.call, site.kind, site.module))
+        return t
+
+    for _ in range(2):
+        seen.clear()
+        run_with_hooks(model, x, {"0": Hook(record, edit_input=record)})
+        assert [call for _, call, kind, _ in seen if kind == "output"] == list(range(70))
+        assert [call for _, call, kind, _ in seen if kind == "input"] == list(range(70))
+        assert all(name == "0" and module is shared for name, _, _, module in seen)
+    model[0] = nn.Linear(4, 4)  # a new module under the same name
+    seen.clear()
+    run_with_hooks(model, x, {"0": Hook(record)})
+    assert [module for *_, module in seen] == [model[0]]
