@@ -42,12 +42,20 @@ __all__ = [
 ]
 
 
+_OPTIMIZED_MODULE: list[type[nn.Module]] = []  # torch.compile's wrapper class, once seen
+
+
 def _optimized_module() -> type[nn.Module] | None:
     # Nothing can be compiled before dynamo is imported; looking it up in sys.modules keeps
-    # the (slow) import of torch._dynamo out of hookfn's import.
+    # the (slow) import of torch._dynamo out of hookfn's import. Once found, it is kept.
+    if _OPTIMIZED_MODULE:
+        return _OPTIMIZED_MODULE[0]
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     found = getattr(eval_frame, "OptimizedModule", None) if eval_frame is not None else None
-    return found if isinstance(found, type) else None
+    if not isinstance(found, type):
+        return None
+    _OPTIMIZED_MODULE.append(found)
+    return found
 
 
 def is_compiled_wrapper(module: object) -> bool:
@@ -77,8 +85,11 @@ def eager_callable(model: nn.Module) -> tuple[Callable[..., Any], nn.Module | No
     parameters); a module compiled in place is called through its eager ``_call_impl``, which
     runs its hooks and its ``forward`` exactly as ``module(...)`` would without compilation.
     """
-    inner = _strip_wrappers(model)
-    if is_compiled_in_place(inner):
+    optimized = _optimized_module()
+    inner = model if optimized is None or not isinstance(model, optimized) else None
+    if inner is None:
+        inner = _strip_wrappers(model)
+    if getattr(inner, "_compiled_call_impl", None) is not None:
         return inner._call_impl, inner
     return inner, None
 

@@ -23,6 +23,8 @@ def call_with(fn: Callable[..., Any], inputs: object) -> Any:
 
     Anything else is passed as the single positional argument.
     """
+    if type(inputs) is Tensor:  # the common case first
+        return fn(inputs)
     if isinstance(inputs, Args):
         return fn(*inputs.args, **inputs.kwargs)
     if isinstance(inputs, tuple):

@@ -1180,6 +1180,9 @@ class _Around:
                 parallel.detach()
 
 
+_NOTHING_AROUND = _Around(nn.Module(), [])
+
+
 class TraceMultiple(_Scoped, Mapping[str, Trace]):
     """Hook several layers for the duration of a ``with`` block (the DeepHook API).
 
@@ -1197,6 +1200,18 @@ class TraceMultiple(_Scoped, Mapping[str, Trace]):
         (True, torch.Size([2, 4]))
     """
 
+    __slots__ = (
+        "_around",
+        "_context_reset",
+        "_entered",
+        "_stopper",
+        "_token",
+        "_traces",
+        "grad_targets",
+        "model",
+    )
+    _context_reset: contextvars.Token[frozenset[object]] | None
+
     def __init__(
         self,
         model: nn.Module,
@@ -1206,18 +1221,23 @@ class TraceMultiple(_Scoped, Mapping[str, Trace]):
         _eager_root: nn.Module | None = None,
     ) -> None:
         planned, cached = _plan(model, layers)
-        # `run_with_hooks` passes the in-place compiled module it calls eagerly (_compile.py).
-        self._around = _Around(model, planned, _eager_root, cached)
         self.model = model
         token = self._token = object()
-        capturing = sum(1 for p in planned if p.hook.captures_forward) if stop_early else 0
-        stopper = self._stopper = _Stopper(token, capturing) if capturing else None
+        self._context_reset = None
+        self._entered = False
         targets: list[GradientEdge] = []
         self.grad_targets = targets
+        if not planned:  # nothing to hook: nothing to check, count or make
+            self._around = _NOTHING_AROUND
+            self._stopper = None
+            self._traces = {}
+            return
+        # `run_with_hooks` passes the in-place compiled module it calls eagerly (_compile.py).
+        self._around = _Around(model, planned, _eager_root, cached)
+        capturing = sum(1 for p in planned if p.hook.captures_forward) if stop_early else 0
+        stopper = self._stopper = _Stopper(token, capturing) if capturing else None
         from_plan = Trace._from_plan
         self._traces = {p.name: from_plan(p, token, stopper, targets, cached) for p in planned}
-        self._context_reset: contextvars.Token[frozenset[object]] | None = None
-        self._entered = False
 
     def __enter__(self) -> Self:
         if self._entered:

@@ -321,7 +321,7 @@ def test_keyboard_interrupt_at_every_call_in_hookfn_leaks_nothing(name: str, dat
         with tracing(counter):
             torch.testing.assert_close(scenario(model, x), want)
     total = counter.points
-    assert total > 50  # the tracer saw hookfn's code run
+    assert total > 20  # the tracer saw hookfn's code run
     before.assert_same(target)
 
     for n in range(1, total + 1):  # every one of them
