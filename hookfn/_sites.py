@@ -72,8 +72,22 @@ class ModelIndex:
     modules: dict[str, nn.Module]  # name -> module, the root excepted
     order: dict[int, int]  # id(module) -> position in names
     by_id: dict[int, str]
+    # Every module's registered children as they were when the index was built: the parent's
+    # `_modules` dict and a copy of it (see `unchanged`).
+    tree: list[tuple[dict[str, nn.Module | None], dict[str, nn.Module | None]]] = field(
+        default_factory=list
+    )
     # Plans resolved against this index, by their tuple of spec keys (see `_trace.plan`).
     plans: dict[object, object] = field(default_factory=dict)
+
+    def unchanged(self) -> bool:
+        """Whether no module of the model gained, lost or swapped a child since the index was
+        built, i.e. `named_modules()` would list the same modules under the same names."""
+        # A plain loop: `all()` over a generator costs twice as much on this path.
+        for children, copy in self.tree:  # noqa: SIM110
+            if children != copy:
+                return False
+        return True
 
 
 _INDEX: weakref.WeakKeyDictionary[nn.Module, ModelIndex] = weakref.WeakKeyDictionary()
@@ -84,13 +98,15 @@ def _build_index(model: nn.Module) -> ModelIndex:
     modules: dict[str, nn.Module] = {}
     order: dict[int, int] = {}
     by_id: dict[int, str] = {}
+    tree = []
     for name, module in model.named_modules():
         order[id(module)] = len(names)
         by_id[id(module)] = name
         names.append(name)
         if name:
             modules[name] = module
-    index = ModelIndex(names, modules, order, by_id)
+        tree.append((module._modules, dict(module._modules)))
+    index = ModelIndex(names, modules, order, by_id, tree)
     _INDEX[model] = index
     return index
 

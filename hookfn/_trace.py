@@ -137,17 +137,37 @@ class _Planned(NamedTuple):
 class _CachedPlan:
     """A spec's resolved keys, kept on the model's index for the next run with the same keys.
 
-    Only specs whose keys are all exact names on an unwrapped model are kept. A later run
-    reuses the entry while every registered child on the way to every site is still the one
-    it was (`valid`): a module replaced anywhere on those paths resolves the spec anew. The
-    entry holds the model's submodules, never the model itself (see `ModelIndex`).
+    Only specs whose keys are all names or globs (no module objects) on an unwrapped model
+    are kept. A later run reuses the entry while it is `valid`: for exact names, while every
+    registered child on the way to every site is still the one it was (a module replaced
+    anywhere on those paths resolves the spec anew); with a glob, whose matches depend on the
+    whole model, while no module of the model changed its children (`ModelIndex.unchanged`).
+    The entry holds the model's submodules, never the model itself (see `ModelIndex`).
     """
 
-    __slots__ = ("captures", "entries", "last", "links", "parallels", "path", "sites")
+    __slots__ = (
+        "by_tree",
+        "captures",
+        "entries",
+        "last",
+        "links",
+        "parallels",
+        "path",
+        "shared",
+        "sites",
+    )
 
-    def __init__(self, entries: list[tuple[int, str, nn.Module, int]], links: list[Link]) -> None:
+    def __init__(
+        self,
+        entries: list[tuple[int, str, nn.Module, int]],
+        links: list[Link],
+        by_tree: bool,
+    ) -> None:
         self.entries = entries  # (position in the spec, name, module, order), in model order
-        self.links = links  # every step of every site's path, each once
+        self.links = links  # every step of every exact name's path, each once
+        self.by_tree = by_tree  # a glob: valid while the whole module tree is unchanged
+        # Whether a key has several entries (a glob's matches share its hook).
+        self.shared = len({position for position, *_ in entries}) < len(entries)
         # The plan of these keys captured (a list spec), and the plan of the latest run.
         self.captures = tuple(
             _Planned(name, module, _CAPTURE, order) for _, name, module, order in entries
@@ -160,7 +180,10 @@ class _CachedPlan:
         # The `Site` objects edits receive, by (name, kind): made once for every run.
         self.sites: dict[tuple[str, str], _Sites] = {}
 
-    def valid(self) -> bool:
+    def valid(self, index: ModelIndex) -> bool:
+        """Whether the plan still resolves the same (``index``: the one it is kept on)."""
+        if self.by_tree:
+            return index.unchanged()
         # A plain loop: `all()` over a generator costs twice as much on this path.
         for children, part, child in self.links:  # noqa: SIM110
             if children.get(part) is not child:
@@ -213,8 +236,8 @@ def _plan(model: nn.Module, spec: object) -> tuple[list[_Planned], _CachedPlan |
                 entry = index.plans.get(keys)
             except TypeError:  # an unhashable key: the general path reports it
                 entry = None
-            if isinstance(entry, _CachedPlan) and entry.valid():
-                return _reuse(entry, given if isinstance(given, dict) else None)
+            if isinstance(entry, _CachedPlan) and entry.valid(index):
+                return _reuse(entry, given if isinstance(given, dict) else None, keys)
         if isinstance(given, dict):
             return _resolve(model, list(given.items()), keys)
         return _resolve(model, [(key, "capture") for key in given], keys)
@@ -225,16 +248,25 @@ def _plan(model: nn.Module, spec: object) -> tuple[list[_Planned], _CachedPlan |
 
 
 def _reuse(
-    entry: _CachedPlan, spec: dict[object, object] | None
+    entry: _CachedPlan, spec: dict[object, object] | None, keys: tuple[object, ...]
 ) -> tuple[list[_Planned], _CachedPlan]:
     """The plan of a kept resolution, with the hooks of this run's spec values."""
     if spec is None:  # keys alone: capture each
         return list(entry.captures), entry
     planned = []
     values = list(spec.values())
+    made: dict[int, Hook] = {}  # a glob's hook, made once for its matches
     for (position, name, module, order), last in zip(entry.entries, entry.last, strict=True):
         value = values[position]
-        hook = value if type(value) is Hook else to_hook(value, name)
+        if type(value) is Hook:
+            hook = value
+        elif entry.shared:
+            found = made.get(position)
+            if found is None:
+                found = made[position] = to_hook(value, str(keys[position]))
+            hook = found
+        else:
+            hook = to_hook(value, name)
         # The same hook as the last run with these keys (a spec reused as it is): its
         # planned entry is reused too.
         planned.append(last if last.hook is hook else _Planned(name, module, hook, order))
@@ -246,12 +278,14 @@ def _resolve(
     model: nn.Module, items: list[tuple[object, object]], keys: tuple[object, ...]
 ) -> tuple[list[_Planned], _CachedPlan | None]:
     inner, prefix = unwrap(model)
-    # id(module) -> (name, module, order, explicit, hook, key)
-    chosen: dict[int, tuple[str, nn.Module, int, bool, Hook, object]] = {}
+    # id(module) -> (name, module, order, explicit, hook, key, position of the key)
+    chosen: dict[int, tuple[str, nn.Module, int, bool, Hook, object, int]] = {}
     index: ModelIndex | None = None
-    # The path of every exact name, while every key is one (else the plan is not cached).
+    # The path of every exact name, while every key is a name or a glob (else the plan is
+    # not kept), and whether a glob needs the whole tree unchanged.
     links: dict[int, Link] | None = {} if not prefix else None
-    for key, value in items:
+    by_tree = False
+    for position, (key, value) in enumerate(items):
         hook = to_hook(value, str(key if isinstance(key, str) else type(key).__name__))
         found: Iterable[tuple[str, nn.Module, int, bool]] | None = None
         if type(key) is str and not prefix and not _is_glob(key):
@@ -271,10 +305,13 @@ def _resolve(
                         links[id(link[2])] = link
                 previous = chosen.get(id(module))
                 if previous is None or not previous[3]:  # a glob's match gives way
-                    chosen[id(module)] = (key, module, order, True, hook, key)
+                    chosen[id(module)] = (key, module, order, True, hook, key, position)
                     continue
                 found = ((key, module, order, True),)  # a clash: reported below
-        links = None
+        if type(key) is str and _is_glob(key):
+            by_tree = True
+        else:
+            links = None  # a module key, the root, or a name only `get_submodule` finds
         if found is None:
             found = [
                 (r.name, r.module, r.order, r.explicit)
@@ -292,19 +329,22 @@ def _resolve(
                     )
                 if previous[3]:
                     continue
-            chosen[id(module)] = (*entry, hook, key)
+            chosen[id(module)] = (*entry, hook, key, position)
     planned = [
-        _Planned(name, module, hook, order) for name, module, order, _, hook, _ in chosen.values()
+        _Planned(name, module, hook, order)
+        for name, module, order, _, hook, _, _ in chosen.values()
     ]
     if len(planned) > 1:
         planned.sort(key=_by_order)
     cached = None
-    if links is not None and index is not None and len(planned) == len(keys):
-        position = {key: i for i, key in enumerate(keys)}
+    kept_on = cached_index(model) if links is not None else None
+    if kept_on is not None and all(entry[1] is not model for entry in chosen.values()):
         cached = _CachedPlan(
-            [(position[p.name], p.name, p.module, p.order) for p in planned], list(links.values())
+            [(chosen[id(p.module)][6], p.name, p.module, p.order) for p in planned],
+            list(links.values()) if links is not None else [],
+            by_tree,
         )
-        plans = index.plans
+        plans = kept_on.plans
         if len(plans) >= _MAX_CACHED_PLANS:
             for old in list(plans)[: _MAX_CACHED_PLANS // 2]:
                 del plans[old]
@@ -343,9 +383,27 @@ _NONE_RECORDED: Any = ()
 
 
 def _copy_value(copy: Callable[[Tensor], Tensor], value: Any) -> Any:
-    if isinstance(value, Tensor):
+    """``value`` with ``copy`` applied to every tensor in it, as `pytree.tree_map_only` would.
+
+    Plain tuples, lists and dicts (an attention module's ``(out, None)``, a pre-hook's
+    arguments) are walked here, many times faster than the general pytree walk, which is
+    kept for every other structure (named tuples, ``ModelOutput``, registered classes).
+    """
+    kind = type(value)
+    if kind is Tensor or isinstance(value, Tensor):
         return copy(value)
+    if kind is tuple:
+        return tuple([_copy_value(copy, item) for item in value])
+    if kind is list:
+        return [_copy_value(copy, item) for item in value]
+    if kind is dict:
+        return {key: _copy_value(copy, item) for key, item in value.items()}
+    if value is None or kind in _ATOMS:
+        return value
     return pytree.tree_map_only(Tensor, copy, value)
+
+
+_ATOMS = frozenset({bool, int, float, complex, str, bytes, torch.dtype, torch.device})
 
 
 def _replace_primary(value: Any, new: Tensor, name: str, kind: str) -> Any:

@@ -169,3 +169,42 @@ def test_sites_given_to_edits_are_right_in_every_run_and_call() -> None:
     seen.clear()
     run_with_hooks(model, x, {"0": Hook(record)})
     assert [module for *_, module in seen] == [model[0]]
+
+
+def test_a_glob_sees_modules_added_removed_or_swapped_between_runs() -> None:
+    model, x = make_net(), torch.randn(2, 6)
+
+    def check(glob: str) -> None:
+        names = [n for n, _ in model.named_modules() if n and n.count(".") == glob.count(".")]
+        out, caches = run_with_hooks(model, x, [glob])
+        ref_out, ref = raw_outputs(model, x, names)
+        torch.testing.assert_close(out, ref_out)
+        assert list(caches) == names
+        for name in names:
+            torch.testing.assert_close(caches[name].output, ref[name])
+
+    check("*")
+    check("*")
+    model.append(nn.Linear(3, 3))  # a new top-level layer: "3"
+    check("*")
+    check("1.*")
+    model[1].append(nn.Linear(6, 6))  # a new match deeper down: "1.2"
+    check("1.*")
+    model[1][0] = nn.Linear(6, 6)  # a swapped match
+    check("1.*")
+    del model[1][2]
+    check("1.*")
+
+
+def test_a_glob_edit_acts_on_every_match_with_this_runs_value() -> None:
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)])
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        delta = torch.randn(4)
+        out, caches = run_with_hooks(model, x, {"*": add(delta)})
+        h = x
+        with torch.no_grad():
+            for layer in model:
+                h = layer(h) + delta
+                assert torch.allclose(caches[str(list(model).index(layer))].output, h)
+        torch.testing.assert_close(out, h)
