@@ -410,6 +410,14 @@ def _verdict(value: float, sigma: float, goal: float) -> str:
     return "n/a (within the noise of the goal)"
 
 
+def ratio_se(item: Overhead, raw: Overhead) -> float:
+    """The standard error of ``item.extra / raw.extra`` from theirs (first-order)."""
+    if item.extra <= 0 or raw.extra <= 0:
+        return math.inf
+    ratio = item.extra / raw.extra
+    return ratio * math.hypot(item.noise / item.extra, raw.noise / raw.extra)
+
+
 def goals_section(report: Report, items: list[Overhead]) -> None:
     report.add("### Goals", "")
     table = []
@@ -422,11 +430,12 @@ def goals_section(report: Report, items: list[Overhead]) -> None:
         ratio = _ratio(item.per_hook_us, raw.per_hook_us)
         # Where the hooks are below the noise, the ratio says nothing.
         measurable = raw.extra > 2 * max(item.noise, raw.noise)
+        sigma = ratio_se(item, raw)
         table.append(
             [
                 f"per hooked layer <= {GOAL_LAYER_RATIO}x raw hooks ({item.model})",
-                _x(ratio) + ("" if measurable else " (below noise)"),
-                _status(ratio <= GOAL_LAYER_RATIO if measurable else None),
+                f"{_x(ratio)} ± {sigma:.2f}" if measurable else f"{_x(ratio)} (below noise)",
+                _verdict(ratio, sigma, GOAL_LAYER_RATIO) if measurable else "n/a",
             ]
         )
     for item in items:

@@ -84,3 +84,35 @@ def test_write_doc_replaces_only_the_report_section(tmp_path: Path) -> None:
     assert page.read_text() == (
         f"intro\n{report.DOC_START}\n\n| new | table |\n\n{report.DOC_END}\noutro\n"
     )
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    ("hookfn_layer_us", "se_us", "measured", "status"),
+    [
+        (12.0, 1.0, "1.20x ± 0.01", "met"),  # 1.20 clear of 1.25 by far more than 2 se
+        (13.0, 1.0, "1.30x ± 0.01", "**missed**"),
+        (12.0, 30.0, "1.20x ± 0.25", "n/a (within the noise of the goal)"),
+    ],
+)
+def test_the_layer_goal_is_judged_with_its_uncertainty(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    hookfn_layer_us: float,
+    se_us: float,
+    measured: str,
+    status: str,
+) -> None:
+    results = _results(hookfn_layer_us, 15.0)
+    results["benchmarks"][2]["extra_info"]["paired"]["diff_se"] = se_us * US
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    report.main([str(path)])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| per hooked layer"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1:] == [measured, status]
+    # By hand: ratio * sqrt((se / extra)^2 + (se_raw / extra_raw)^2), extra = 12 layers.
+    ratio = hookfn_layer_us / 10.0
+    se = ratio * ((se_us / (12 * hookfn_layer_us)) ** 2 + (1.0 / 120.0) ** 2) ** 0.5
+    assert measured == f"{ratio:.2f}x ± {se:.2f}"
