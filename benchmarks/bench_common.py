@@ -90,6 +90,38 @@ def _mlp(key: str, n_layer: int, width: int) -> Bench:
     return bench
 
 
+def _bridge(key: str, n_layer: int, n_embd: int, n_head: int, vocab: int, seq: int) -> Bench:
+    """TransformerLens' `TransformerBridge` of a GPT-2-style model, its hook points as blocks."""
+    import transformer_lens.model_bridge.sources  # noqa: F401  (attaches boot_native)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    config = {
+        "n_layers": n_layer,
+        "d_model": n_embd,
+        "n_ctx": max(64, seq),
+        "d_head": n_embd // n_head,
+        "n_heads": n_head,
+        "d_mlp": 4 * n_embd,
+        "d_vocab": vocab,
+        "act_fn": "gelu",
+        "seed": SEED,
+    }
+    model = TransformerBridge.boot_native(config).eval()
+    torch.manual_seed(SEED)
+    x = torch.randint(0, vocab, (1, seq))
+    corrupt = x.clone()
+    corrupt[0, : max(1, seq // 4)] = torch.randint(0, vocab, (max(1, seq // 4),))
+    names = [f"blocks.{i}.hook_resid_post" for i in range(n_layer)]
+    blocks = [(name, model.get_submodule(name)) for name in names]
+    description = (
+        f"TransformerLens TransformerBridge (boot_native), {n_layer} layers, width {n_embd}, "
+        f"{n_head} heads, vocab {vocab}, seq {seq}; sites: blocks.i.hook_resid_post"
+    )
+    bench = Bench(key, description, model, x, corrupt, blocks, target=(1, 2))
+    bench.deltas = {name: torch.randn(1, seq, n_embd) for name in bench.names}
+    return bench
+
+
 BUILDERS: dict[str, Callable[[], Bench]] = {
     "mlp12": lambda: _mlp("mlp12", 12, 16),
     "tiny": lambda: _gpt2(
@@ -100,6 +132,7 @@ BUILDERS: dict[str, Callable[[], Bench]] = {
         "GPT-2-small shape: 12 layers, width 768, 12 heads, vocab 50257, seq 32",
         *(12, 768, 12, 50257, 32),
     ),
+    "bridge": lambda: _bridge("bridge", 4, 64, 4, 512, 8),
 }
 
 
@@ -295,6 +328,24 @@ def sweep_hookfn(bench: Bench, per_position: bool) -> Tensor:
         for j, position in enumerate(positions):
             edit = _hookfn_patch(clean, name, position)
             out, _ = run_with_hooks(model, bench.corrupt_x, {name: Hook(edit, output=False)})
+            results[i, j] = metric(out, bench.target)
+    return results
+
+
+def sweep_transformer_lens(bench: Bench, per_position: bool) -> Tensor:
+    """The same sweep written the TransformerLens way: ``run_with_cache``, then
+    ``run_with_hooks(fwd_hooks=...)`` per site (on a `TransformerBridge` model)."""
+    model, positions = bench.model, positions_of(bench, per_position)
+    wanted = set(bench.names)
+    _, cache = model.run_with_cache(bench.x, names_filter=lambda name: name in wanted)
+    results = torch.empty(bench.n_layers, len(positions))
+    for i, name in enumerate(bench.names):
+        for j, position in enumerate(positions):
+            clean = cache[name]
+            patch = _patch_whole(clean) if position is None else _patch_position(clean, position)
+            out = model.run_with_hooks(
+                bench.corrupt_x, fwd_hooks=[(name, lambda t, hook, patch=patch: patch(t))]
+            )
             results[i, j] = metric(out, bench.target)
     return results
 

@@ -322,7 +322,9 @@ def sweep_section(report: Report, rows: list[Row]) -> None:
         "A clean run caching every block, then one corrupted run per layer (or per (layer, "
         "position)) with the clean activation patched in, metric = logit difference. *raw* "
         "is the hand-written loop with `register_forward_hook`; hookfn uses `run_with_hooks` "
-        "with `patch_from(clean)` (`.at(position)` per position). Speed-up = raw / hookfn.",
+        "with `patch_from(clean)` (`.at(position)` per position); *TransformerLens* is the "
+        "same sweep with TransformerLens' own `run_with_cache` and `run_with_hooks(fwd_hooks="
+        "...)` on its `TransformerBridge` (the `bridge` model). Speed-up = other / hookfn.",
         "",
     )
     table = []
@@ -330,6 +332,7 @@ def sweep_section(report: Report, rows: list[Row]) -> None:
         raw, ours = impls.get("raw"), impls.get("hookfn")
         if raw is None or ours is None:
             continue
+        lens = impls.get("transformer_lens")
         runs = ours.info.get("n_runs", 1)
         table.append(
             [
@@ -338,13 +341,26 @@ def sweep_section(report: Report, rows: list[Row]) -> None:
                 str(runs),
                 _fmt_time(raw.time),
                 _fmt_time(ours.time),
+                _fmt_time(lens.time) if lens else "",
                 f"{_ratio(raw.time, ours.time):.2f}x",
+                f"{_ratio(lens.time, ours.time):.2f}x" if lens else "",
                 _us((ours.time - raw.time) / runs * 1e6),
                 ours.info.get("edit", ""),
             ]
         )
     report.table(
-        ["model", "sweep", "runs", "raw loop", "hookfn", "speed-up", "µs/run vs raw", "edit"],
+        [
+            "model",
+            "sweep",
+            "runs",
+            "raw loop",
+            "hookfn",
+            "TransformerLens",
+            "speed-up vs raw",
+            "speed-up vs TransformerLens",
+            "µs/run vs raw",
+            "edit",
+        ],
         table,
     )
 

@@ -11,15 +11,17 @@ from typing import Any
 
 import pytest
 import torch
-from bench_common import get_bench, metric, sweep_hookfn, sweep_raw
+from bench_common import get_bench, metric, sweep_hookfn, sweep_raw, sweep_transformer_lens
 
 import hookfn
 
-# (model, per_position, rounds or None for the command-line settings, quick)
+# (model, per_position, rounds or None for the command-line settings, quick, implementations)
 SWEEPS = [
-    ("tiny", False, None, False),
-    ("tiny", True, None, True),
-    ("small", False, 3, False),
+    ("tiny", False, None, False, ("raw", "hookfn")),
+    ("tiny", True, None, True, ("raw", "hookfn")),
+    ("small", False, 3, False, ("raw", "hookfn")),
+    # TransformerLens' own way, on its TransformerBridge (where TransformerLens is installed).
+    ("bridge", True, None, True, ("raw", "hookfn", "transformer_lens")),
 ]
 
 _RESULTS: dict[tuple[str, bool], torch.Tensor] = {}
@@ -35,9 +37,9 @@ def _reference(model: str, per_position: bool) -> torch.Tensor:
 
 def _rows() -> list[Any]:
     rows = []
-    for model, per_position, rounds, quick in SWEEPS:
+    for model, per_position, rounds, quick, impls in SWEEPS:
         what = "layer_position" if per_position else "layer"
-        for impl in ("raw", "hookfn", "transformer_lens"):
+        for impl in impls:
             marks = [pytest.mark.quick] if quick else []
             rows.append(
                 pytest.param(
@@ -47,18 +49,20 @@ def _rows() -> list[Any]:
     return rows
 
 
+SWEEP_IMPLS = {"raw": sweep_raw, "hookfn": sweep_hookfn, "transformer_lens": sweep_transformer_lens}
+
+
 @pytest.mark.parametrize(("model", "per_position", "rounds", "impl"), _rows())
 def test_sweep(
     benchmark: Any, model: str, per_position: bool, rounds: int | None, impl: str
 ) -> None:
-    if impl == "transformer_lens":
+    if model == "bridge":
         pytest.importorskip(
             "transformer_lens",
-            reason="TransformerLens is not installed (it is no dependency of hookfn or its tests)",
+            reason="TransformerLens is not installed (it is no dependency of hookfn)",
         )
-        pytest.skip("a TransformerLens sweep needs a HookedTransformer port of the model")
     bench = get_bench(model)
-    sweep = sweep_raw if impl == "raw" else sweep_hookfn
+    sweep = SWEEP_IMPLS[impl]
     benchmark.group = f"sweep-{model}-{'layer_position' if per_position else 'layer'}"
     n_runs = bench.n_layers * (bench.x.shape[1] if per_position else 1)
     benchmark.extra_info.update(

@@ -8,6 +8,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from torch import nn
 
@@ -80,6 +81,12 @@ class ModelIndex:
     # Plans resolved against this index, by their tuple of spec keys (see `_trace.plan`).
     plans: dict[object, object] = field(default_factory=dict)
 
+    def knows(self, module: nn.Module, root: nn.Module) -> bool:
+        """Whether ``module`` is the module the index lists under its id (not another
+        object that reuses the id of a module gone since): then its order is right."""
+        name = self.by_id.get(id(module))
+        return name is not None and (self.modules.get(name) if name else root) is module
+
     def unchanged(self) -> bool:
         """Whether no module of the model gained, lost or swapped a child since the index was
         built, i.e. `named_modules()` would list the same modules under the same names."""
@@ -126,32 +133,51 @@ def _is_glob(key: str) -> bool:
     return "*" in key or "?" in key or "[" in key
 
 
-# One step of a name's path through the module tree: (parent's `_modules`, part, child).
-Link = tuple[dict[str, nn.Module | None], str, nn.Module]
+# One step of a name's path through the module tree: (where the parent keeps the child: its
+# `_modules` or, for an alias attribute, its `__dict__`; the name; the child).
+Link = tuple[dict[str, Any], str, nn.Module]
 
 
 def _links(inner: nn.Module, inner_key: str) -> list[Link] | None:
-    """The registered children (``_modules``) that lead from ``inner`` to ``inner_key``.
+    """The steps that lead from ``inner`` to ``inner_key``, each as its parent keeps it.
 
-    None where following them might not find what ``getattr`` finds: a part that is not a
-    registered child, or is shadowed by an instance or class attribute of the same name, or
-    a class that overrides ``__getattr__``.
+    A step is what ``getattr`` finds (as `get_submodule` does): a registered child
+    (``_modules``), or a module kept as an instance attribute (an alias, e.g.
+    TransformerLens' ``hook_resid_post``). None where a step is neither, or may not be what
+    ``getattr`` finds (a class attribute of the same name), or names no module.
     """
     links: list[Link] = []
     module = inner
     for part in inner_key.split(".") if inner_key else ():
         cls = type(module)
         children = module._modules
+        state = module.__dict__
         child = children.get(part)
         if (
-            child is None
-            or cls.__getattr__ is not _MODULE_GETATTR
-            or part in module.__dict__
-            or hasattr(cls, part)
+            child is not None
+            and cls.__getattr__ is _MODULE_GETATTR
+            and part not in state
+            and not hasattr(cls, part)
         ):
+            links.append((children, part, child))  # the common case, without getattr
+            module = child
+            continue
+        if hasattr(cls, part):
             return None
-        links.append((children, part, child))
-        module = child
+        try:
+            found = getattr(module, part)
+        except AttributeError:
+            return None
+        if not isinstance(found, nn.Module):
+            return None
+        if state.get(part) is found:
+            container: dict[str, Any] = state
+        elif children.get(part) is found and part not in state:
+            container = children
+        else:
+            return None
+        links.append((container, part, found))
+        module = found
     return links
 
 
@@ -323,7 +349,7 @@ def resolve_key(model: nn.Module, inner: nn.Module, prefix: str, key: object) ->
     if isinstance(key, nn.Module):
         index = index_of(inner)
         name = index.by_id.get(id(key))
-        if name is None or (index.modules.get(name) if name else inner) is not key:
+        if name is None or not index.knows(key, inner):
             index = index_of(inner, fresh=True)
             name = index.by_id.get(id(key))
         if name is None:
@@ -346,8 +372,7 @@ def resolve_key(model: nn.Module, inner: nn.Module, prefix: str, key: object) ->
         if module is not None:
             index = index_of(inner)
             position = index.order.get(id(module))
-            known = index.modules.get(inner_key) if inner_key else inner
-            if position is None or known is not module:
+            if position is None or not index.knows(module, inner):
                 index = index_of(inner, fresh=True)
                 position = index.order.get(id(module), len(index.names))
             yield Resolved(user_prefix + inner_key, module, position, True)

@@ -297,7 +297,7 @@ def _resolve(
                 if index is None:
                     index = index_of(model)
                 order = index.order.get(id(module))
-                if order is None or index.modules.get(key) is not module:
+                if order is None or not index.knows(module, model):
                     index = index_of(model, fresh=True)
                     order = index.order.get(id(module), len(index.names))
                 if links is not None:
