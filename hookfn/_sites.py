@@ -97,7 +97,10 @@ class ModelIndex:
         return True
 
 
-_INDEX: weakref.WeakKeyDictionary[nn.Module, ModelIndex] = weakref.WeakKeyDictionary()
+# id(model) -> (a weak reference to the model, its index). Keyed by id for a lookup without
+# Python-level code (a WeakKeyDictionary makes a weak reference per lookup); the reference's
+# callback drops the entry when the model is freed, before its id can be reused.
+_INDEX: dict[int, tuple[weakref.ref[nn.Module], ModelIndex]] = {}
 
 
 def _build_index(model: nn.Module) -> ModelIndex:
@@ -114,19 +117,28 @@ def _build_index(model: nn.Module) -> ModelIndex:
             modules[name] = module
         tree.append((module._modules, dict(module._modules)))
     index = ModelIndex(names, modules, order, by_id, tree)
-    _INDEX[model] = index
+    key = id(model)
+
+    def forget(ref: weakref.ref[nn.Module], indexes: dict[int, Any] = _INDEX) -> None:
+        # Everything it uses is bound here: at interpreter exit, module globals may be gone.
+        entry = indexes.get(key)
+        if entry is not None and entry[0] is ref:
+            del indexes[key]
+
+    _INDEX[key] = (weakref.ref(model, forget), index)
     return index
 
 
 def index_of(model: nn.Module, *, fresh: bool = False) -> ModelIndex:
     """The cached index of ``model``; rebuilt when asked or when it no longer matches."""
-    index = None if fresh else _INDEX.get(model)
+    index = None if fresh else cached_index(model)
     return _build_index(model) if index is None else index
 
 
 def cached_index(model: nn.Module) -> ModelIndex | None:
     """The index of ``model`` if one is cached (a cheap lookup, never a rebuild)."""
-    return _INDEX.get(model)
+    entry = _INDEX.get(id(model))
+    return entry[1] if entry is not None and entry[0]() is model else None
 
 
 def _is_glob(key: str) -> bool:

@@ -180,16 +180,6 @@ class _CachedPlan:
         # The `Site` objects edits receive, by (name, kind): made once for every run.
         self.sites: dict[tuple[str, str], _Sites] = {}
 
-    def valid(self, index: ModelIndex) -> bool:
-        """Whether the plan still resolves the same (``index``: the one it is kept on)."""
-        if self.by_tree:
-            return index.unchanged()
-        # A plain loop: `all()` over a generator costs twice as much on this path.
-        for children, part, child in self.links:  # noqa: SIM110
-            if children.get(part) is not child:
-                return False
-        return True
-
 
 _MAX_CACHED_PLANS = 256  # per model; the oldest half is dropped beyond it
 
@@ -236,8 +226,21 @@ def _plan(model: nn.Module, spec: object) -> tuple[list[_Planned], _CachedPlan |
                 entry = index.plans.get(keys)
             except TypeError:  # an unhashable key: the general path reports it
                 entry = None
-            if isinstance(entry, _CachedPlan) and entry.valid(index):
-                return _reuse(entry, given if isinstance(given, dict) else None, keys)
+            if isinstance(entry, _CachedPlan):
+                # Whether it still resolves the same (see `_CachedPlan`); inlined, as this
+                # runs on every call, with the CPU caches cold after the last forward pass.
+                if entry.by_tree:
+                    valid = index.unchanged()
+                else:
+                    valid = True
+                    for children, part, child in entry.links:
+                        if children.get(part) is not child:
+                            valid = False
+                            break
+                if valid:
+                    if not isinstance(given, dict):  # keys alone: capture each
+                        return list(entry.captures), entry
+                    return _reuse(entry, given, keys)
         if isinstance(given, dict):
             return _resolve(model, list(given.items()), keys)
         return _resolve(model, [(key, "capture") for key in given], keys)
@@ -248,11 +251,9 @@ def _plan(model: nn.Module, spec: object) -> tuple[list[_Planned], _CachedPlan |
 
 
 def _reuse(
-    entry: _CachedPlan, spec: dict[object, object] | None, keys: tuple[object, ...]
+    entry: _CachedPlan, spec: dict[object, object], keys: tuple[object, ...]
 ) -> tuple[list[_Planned], _CachedPlan]:
     """The plan of a kept resolution, with the hooks of this run's spec values."""
-    if spec is None:  # keys alone: capture each
-        return list(entry.captures), entry
     planned = []
     values = list(spec.values())
     made: dict[int, Hook] = {}  # a glob's hook, made once for its matches
@@ -1291,7 +1292,19 @@ class TraceMultiple(_Scoped, Mapping[str, Trace]):
             self._traces = {}
             return
         # `run_with_hooks` passes the in-place compiled module it calls eagerly (_compile.py).
-        self._around = _Around(model, planned, _eager_root, cached)
+        if cached is not None and cached.path is not None and not cached.parallels:
+            # A kept plan around which nothing is set up: only compilation in place can
+            # have changed since, which is checked here without building the path again.
+            compiled = model is not _eager_root and model._compiled_call_impl is not None
+            if not compiled:
+                for _, module, _ in cached.path:
+                    if module._compiled_call_impl is not None:
+                        compiled = True
+                        break
+            around = _Around(model, planned, _eager_root, cached) if compiled else None
+        else:
+            around = _Around(model, planned, _eager_root, cached)
+        self._around = _NOTHING_AROUND if around is None else around
         capturing = sum(1 for p in planned if p.hook.captures_forward) if stop_early else 0
         stopper = self._stopper = _Stopper(token, capturing) if capturing else None
         from_plan = Trace._from_plan

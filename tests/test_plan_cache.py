@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hookfn import CompileError, Hook, Trace, TraceMultiple, add, run_with_hooks
+from hookfn import _sites
 from hookfn._sites import cached_index
 
 
@@ -74,10 +75,11 @@ def test_a_hooked_model_is_freed_when_dropped(run: str) -> None:
     x = torch.randn(2, 6)
     RUNS[run](model, x)
     RUNS[run](model, x)  # the second run takes the kept resolution where there is one
-    ref = weakref.ref(model)
+    ref, key = weakref.ref(model), id(model)
     del model
     gc.collect()
     assert ref() is None, "the model is still referenced after the runs"
+    assert key not in _sites._INDEX, "the freed model's index was kept"
 
 
 def test_the_same_keys_run_twice_match_raw_hooks_both_times() -> None:
