@@ -16,8 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from hookfn import CompileError, Hook, Trace, TraceMultiple, add, run_with_hooks
-from hookfn import _sites
+from hookfn import CompileError, Hook, Trace, TraceMultiple, _sites, add, run_with_hooks
 from hookfn._sites import cached_index
 
 
