@@ -381,6 +381,7 @@ _PLAIN_COPY = _make_copier(True, True, None, None)
 
 # The records a trace has not made lists for: nothing is ever appended to it.
 _NONE_RECORDED: Any = ()
+_NO_CALLS: tuple[Any, ...] = ()
 
 
 def _copy_value(copy: Callable[[Tensor], Tensor], value: Any) -> Any:
@@ -817,7 +818,7 @@ class Trace(_Scoped):
         # (also after an interrupt between the two).
         keys = self._handles
         module = self.module
-        if self._stopper is None and _plain_capture(hook):
+        if self._stopper is None and (hook is _CAPTURE or _plain_capture(hook)):
             self._base = base
             fn: Callable[[nn.Module, Any, Any], Any] = self._capture_output
         elif _captures_output_only(hook):
@@ -1115,9 +1116,9 @@ class Trace(_Scoped):
         capture = make_capture(
             self.name,
             tuple(self._outputs),
-            tuple(self._inputs),
-            tuple(self._grad_outputs),
-            tuple(self._grad_inputs),
+            _NO_CALLS if self._inputs is _NONE_RECORDED else tuple(self._inputs),
+            _NO_CALLS if self._grad_outputs is _NONE_RECORDED else tuple(self._grad_outputs),
+            _NO_CALLS if self._grad_inputs is _NONE_RECORDED else tuple(self._grad_inputs),
         )
         if not self._handles:
             self._capture = capture  # the trace is closed: nothing can change any more
@@ -1325,7 +1326,8 @@ class TraceMultiple(_Scoped, Mapping[str, Trace]):
             with _REGISTRY:
                 for trace in traces.values():
                     trace._register(base)
-            self._around.attach(self._token)
+            if self._around is not _NOTHING_AROUND:
+                self._around.attach(self._token)
             self._context_reset = _activate(self._token)
             return self
         except BaseException:
@@ -1339,7 +1341,8 @@ class TraceMultiple(_Scoped, Mapping[str, Trace]):
             with _REGISTRY:
                 for trace in traces.values():
                     trace._remove()
-            self._around.detach()
+            if self._around is not _NOTHING_AROUND:
+                self._around.detach()
             _IN_BACKWARD.pop(self._token, None)  # (if an interrupt cut `backward=` short)
             reset, self._context_reset = self._context_reset, None
             _deactivate(self._token, reset)
