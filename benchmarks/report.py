@@ -324,7 +324,9 @@ def sweep_section(report: Report, rows: list[Row]) -> None:
         "is the hand-written loop with `register_forward_hook`; hookfn uses `run_with_hooks` "
         "with `patch_from(clean)` (`.at(position)` per position); *TransformerLens* is the "
         "same sweep with TransformerLens' own `run_with_cache` and `run_with_hooks(fwd_hooks="
-        "...)` on its `TransformerBridge` (the `bridge` model). Speed-up = other / hookfn.",
+        "...)` on its `TransformerBridge` (the `bridge` model). Speed-up = other / hookfn: "
+        "from rounds in which the raw loop and the sweep run in turn (*paired*), else from "
+        "the benchmark rounds (*rounds*, which the load of a shared machine drifts between).",
         "",
     )
     table = []
@@ -332,8 +334,13 @@ def sweep_section(report: Report, rows: list[Row]) -> None:
         raw, ours = impls.get("raw"), impls.get("hookfn")
         if raw is None or ours is None:
             continue
+        for row in impls.values():
+            row.info.setdefault("raw_time", raw.time)
         lens = impls.get("transformer_lens")
         runs = ours.info.get("n_runs", 1)
+        ours_vs_raw = _vs_raw(ours)
+        lens_vs_raw = _vs_raw(lens) if lens else math.nan
+        paired = "paired_vs_raw" in ours.info
         table.append(
             [
                 model,
@@ -342,9 +349,10 @@ def sweep_section(report: Report, rows: list[Row]) -> None:
                 _fmt_time(raw.time),
                 _fmt_time(ours.time),
                 _fmt_time(lens.time) if lens else "",
-                f"{_ratio(raw.time, ours.time):.2f}x",
-                f"{_ratio(lens.time, ours.time):.2f}x" if lens else "",
-                _us((ours.time - raw.time) / runs * 1e6),
+                f"{1 / ours_vs_raw:.2f}x",
+                f"{lens_vs_raw / ours_vs_raw:.2f}x" if lens else "",
+                _us((ours_vs_raw - 1) * raw.time / runs * 1e6),
+                "paired" if paired else "rounds",
                 ours.info.get("edit", ""),
             ]
         )
@@ -359,10 +367,23 @@ def sweep_section(report: Report, rows: list[Row]) -> None:
             "speed-up vs raw",
             "speed-up vs TransformerLens",
             "µs/run vs raw",
+            "from",
             "edit",
         ],
         table,
     )
+
+
+def _vs_raw(row: Row) -> float:
+    """The row's time / the raw loop's: from paired rounds where recorded (see interleaved),
+    else from the benchmark rounds (the raw loop's row must then be looked up by the caller,
+    and `time` of both is used)."""
+    paired = row.info.get("paired_vs_raw")
+    if paired:
+        base = paired["base_median"]
+        return float((base + paired["diff_median"]) / base)
+    raw_time = row.info.get("raw_time")
+    return row.time / raw_time if raw_time else math.nan
 
 
 def memory_section(report: Report, rows: list[Row]) -> None:
@@ -418,7 +439,13 @@ def _status(ok: bool | None) -> str:
 
 
 def _verdict(value: float, sigma: float, goal: float) -> str:
-    """Met or missed where the measurement is clear of the goal by two standard errors."""
+    """Met or missed where the measurement is clear of the goal by two standard errors.
+
+    Where two standard errors exceed the goal itself (a fixed cost of microseconds measured
+    against a forward pass of a quarter second), the measurement cannot tell: n/a.
+    """
+    if 2 * sigma >= abs(goal):
+        return "n/a (the noise exceeds the goal)"
     if value + 2 * sigma < goal:
         return "met"
     if value - 2 * sigma > goal:

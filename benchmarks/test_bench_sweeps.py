@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 import torch
-from bench_common import get_bench, metric, sweep_hookfn, sweep_raw, sweep_transformer_lens
+from bench_common import (
+    get_bench,
+    interleaved,
+    metric,
+    sweep_hookfn,
+    sweep_raw,
+    sweep_transformer_lens,
+)
 
 import hookfn
 
@@ -54,7 +61,12 @@ SWEEP_IMPLS = {"raw": sweep_raw, "hookfn": sweep_hookfn, "transformer_lens": swe
 
 @pytest.mark.parametrize(("model", "per_position", "rounds", "impl"), _rows())
 def test_sweep(
-    benchmark: Any, model: str, per_position: bool, rounds: int | None, impl: str
+    benchmark: Any,
+    pair_time: float,
+    model: str,
+    per_position: bool,
+    rounds: int | None,
+    impl: str,
 ) -> None:
     if model == "bridge":
         pytest.importorskip(
@@ -79,6 +91,17 @@ def test_sweep(
             result = benchmark(sweep, bench, per_position)
         else:
             result = benchmark.pedantic(sweep, (bench, per_position), rounds=rounds, iterations=1)
+        if benchmark.enabled and impl != "raw" and rounds is None:
+            # The raw loop and this sweep in turn, in the same rounds (see interleaved): the
+            # speed-up the report gives, free of the load drift between benchmarks.
+            timed = interleaved(
+                {
+                    "raw": lambda: sweep_raw(bench, per_position),
+                    impl: lambda: sweep(bench, per_position),
+                },
+                pair_time,
+            )
+            benchmark.extra_info["paired_vs_raw"] = timed[impl]
     # The sweep computes what the hand-written loop computes ...
     torch.testing.assert_close(result, _reference(model, per_position))
     with torch.no_grad():

@@ -116,3 +116,17 @@ def test_the_layer_goal_is_judged_with_its_uncertainty(
     ratio = hookfn_layer_us / 10.0
     se = ratio * ((se_us / (12 * hookfn_layer_us)) ** 2 + (1.0 / 120.0) ** 2) ** 0.5
     assert measured == f"{ratio:.2f}x ± {se:.2f}"
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    ("value", "sigma", "verdict"),
+    [
+        (10.0, 1.0, "met"),
+        (30.0, 1.0, "**missed**"),
+        (19.0, 1.0, "n/a (within the noise of the goal)"),
+        (13000.0, 5000.0, "n/a (the noise exceeds the goal)"),  # a noisy huge model
+    ],
+)
+def test_verdicts(value: float, sigma: float, verdict: str) -> None:
+    assert report._verdict(value, sigma, 20.0) == verdict

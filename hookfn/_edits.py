@@ -1019,9 +1019,9 @@ class PatchFrom(_Value):
                 "from a run on inputs of the same shape (same batch size and sequence "
                 "length)."
             )
-        # A copy: the model may change the patched tensor in place, never the cache.
-        source = source.to(device=x.device, dtype=x.dtype, copy=True)
-        return _through_views(site, source)
+        # The part the edit is given (inside `at`/`heads`), then a copy of it alone: the model
+        # may change the patched tensor in place, never the cache.
+        return _through_views(site, source).to(device=x.device, dtype=x.dtype, copy=True)
 
     def __repr__(self) -> str:
         return _call_repr("patch_from", (self.cache,))
@@ -1235,7 +1235,9 @@ class At(_Value):
     dim: int
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        index = _on_device(_full_index(self.index, self.dim, x, self, site), x.device)
+        index = _full_index(self.index, self.dim, x, self, site)
+        if not isinstance(self.index, int):  # an int becomes slices: nothing to move
+            index = _on_device(index, x.device)
         return _edit_part(x, index, self.edit, site, self, x.shape, lambda t: t[index])
 
     def __repr__(self) -> str:

@@ -879,3 +879,22 @@ def test_a_bad_index_on_the_gpu_is_an_edit_error_not_a_device_assert() -> None:
         with pytest.raises(EditError):
             edit(x, SITE)
     assert torch.equal(ablate(torch.tensor([1]))(x + 1, SITE).cpu()[..., 1], torch.zeros(B, S))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        patch_from(CACHE),
+        patch_from(CACHE).at(2),
+        patch_from(CACHE).at([0, 4]),
+        heads(patch_from(CACHE), n_heads=N_HEADS, which=[1]),
+    ],
+    ids=repr,
+)
+def test_a_patch_never_aliases_the_cache(edit: Edit) -> None:
+    # The model may change the patched activation in place; the cache must not follow.
+    x = _randn(B, S, D, seed=18)
+    y = edit(x, SITE)
+    y.mul_(0.0).add_(7.0)
+    assert torch.equal(OTHER, SNAPSHOT["OTHER"])
+    assert not torch.equal(y, x)
