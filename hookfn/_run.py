@@ -129,7 +129,7 @@ def run_with_hooks(
     try:
         with trace:
             try:
-                output = call_with(fn, inputs)
+                output = fn(inputs) if type(inputs) is Tensor else call_with(fn, inputs)
                 if backward is not None:
                     _backpropagate(backward, output, trace)
             except StopForward as stop:

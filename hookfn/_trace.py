@@ -1376,7 +1376,11 @@ class TraceMultiple(_Scoped, Mapping[str, Trace]):
 
     def captures(self) -> dict[str, Capture]:
         """The `Capture` of every traced layer, keyed by layer name, in model order."""
-        return {name: trace.capture for name, trace in self._traces.items()}
+        result = {}
+        for name, trace in self._traces.items():  # (a loop: no comprehension frame to enter)
+            capture = trace._capture
+            result[name] = trace.capture if capture is None else capture
+        return result
 
     def __repr__(self) -> str:
         return f"TraceMultiple({list(self._traces)})"
