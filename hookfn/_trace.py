@@ -575,6 +575,18 @@ def _plain_capture(hook: Hook) -> bool:
     )
 
 
+def _replaying(token: object, base: int) -> bool | None:
+    """Which call of a run's hook this is: None, not the run's (the gate is closed); False,
+    a forward of the run; True, a re-run of it by activation checkpointing during its
+    backward pass (another graph task than ``base``, the run's; see `_Replays`)."""
+    if token in _ACTIVE.get():
+        return _graph_task() != base
+    tasks = _IN_BACKWARD.get(token)
+    if tasks is None or _graph_task() not in tasks:
+        return None
+    return True  # a re-run in an autograd worker thread (see _IN_BACKWARD)
+
+
 class _Sites:
     """Per-kind `Site` objects, made once per call index and reused.
 
@@ -943,14 +955,9 @@ class Trace(_Scoped):
         A bound method, whose state `_register` sets up in slots: no closure to make per
         site and run.
         """
-        token = self._token
-        if token not in _ACTIVE.get():
-            tasks = _IN_BACKWARD.get(token)
-            if tasks is None or _graph_task() not in tasks:
-                return None
-            replaying = True  # a re-run in an autograd worker thread (see _IN_BACKWARD)
-        else:
-            replaying = _graph_task() != self._base
+        replaying = _replaying(self._token, self._base)
+        if replaying is None:
+            return None
         hook = self.hook
         edit = hook.edit
         if replaying:
@@ -1017,7 +1024,6 @@ class Trace(_Scoped):
         return sites
 
     def _make_pre_hook(self) -> Callable[[nn.Module, Any, Any], Any]:
-        active = _ACTIVE
         token = self._token
         hook = self.hook
         edit = hook.edit_input
@@ -1037,8 +1043,6 @@ class Trace(_Scoped):
         base = _graph_task()
         # Replays are only looked up to re-apply an edit (see `_Replays`).
         replays = _Replays(base) if edit is not None else _NO_REPLAYS
-        graph_task = _graph_task
-        in_backward = _IN_BACKWARD
 
         # ``kwargs`` has a default: a module call on another thread that took its snapshot
         # of the hooks just before this run removed this one may call it as a hook without
@@ -1046,13 +1050,9 @@ class Trace(_Scoped):
         # then returns at once.
         def pre_hook(module: nn.Module, args: Any, kwargs: Any = None) -> Any:
             nonlocal calls
-            if token not in active.get():
-                tasks = in_backward.get(token)
-                if tasks is None or graph_task() not in tasks:
-                    return None
-                replaying = True  # a re-run in an autograd worker thread (see _IN_BACKWARD)
-            else:
-                replaying = graph_task() != base
+            replaying = _replaying(token, base)
+            if replaying is None:
+                return None
             if replaying:
                 # A re-run by activation checkpointing (see forward_hook): edit, record nothing.
                 if edit is None:
