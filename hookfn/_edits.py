@@ -407,6 +407,18 @@ def _check_broadcast(
         )
 
 
+def _operand(value: Tensor | float, x: Tensor, edit: Edit, site: Site, what: str) -> Tensor | float:
+    """``value`` checked to broadcast to ``x`` and moved to its device and dtype: what an
+    elementwise edit combines with ``x`` (`_check_broadcast`, then `_to_like`, in one step)."""
+    if not isinstance(value, Tensor):
+        return value
+    if value.shape != x.shape and not _broadcasts(value.shape, x.shape):
+        _check_broadcast(value, x, edit, site, what)  # raises
+    if value.dtype is not x.dtype or value.device != x.device:
+        return value.to(device=x.device, dtype=x.dtype)
+    return value
+
+
 def _check_last_dim(vector: Tensor, x: Tensor, edit: Edit, site: Site, what: str) -> None:
     if vector.dim() == 0 or vector.shape[-1] != x.shape[-1] or x.dim() == 0:
         raise EditError(
@@ -499,8 +511,7 @@ class Add(_Value):
     value: Tensor | float
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        _check_broadcast(self.value, x, self, site, "value")
-        return x + _to_like(self.value, x)
+        return x + _operand(self.value, x, self, site, "value")
 
     def __repr__(self) -> str:
         return f"add({_short_repr(self.value)})"
@@ -534,8 +545,7 @@ class Scale(_Value):
     factor: Tensor | float
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        _check_broadcast(self.factor, x, self, site, "factor")
-        return x * _to_like(self.factor, x)
+        return x * _operand(self.factor, x, self, site, "factor")
 
     def __repr__(self) -> str:
         return f"scale({_short_repr(self.factor)})"
@@ -569,8 +579,7 @@ class Replace(_Value):
     value: Tensor | float
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        _check_broadcast(self.value, x, self, site, "value")
-        value = _to_like(self.value, x)
+        value = _operand(self.value, x, self, site, "value")
         if isinstance(value, Tensor):
             return value.expand(x.shape).clone()
         return torch.full_like(x, value)
@@ -609,11 +618,9 @@ class Clamp(_Value):
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
         if self.lo is not None:
-            _check_broadcast(self.lo, x, self, site, "lower bound")
-            x = torch.clamp_min(x, _to_like(self.lo, x))
+            x = torch.clamp_min(x, _operand(self.lo, x, self, site, "lower bound"))
         if self.hi is not None:
-            _check_broadcast(self.hi, x, self, site, "upper bound")
-            x = torch.clamp_max(x, _to_like(self.hi, x))
+            x = torch.clamp_max(x, _operand(self.hi, x, self, site, "upper bound"))
         return x
 
     def __repr__(self) -> str:

@@ -836,9 +836,9 @@ class Trace(_Scoped):
         elif _captures_output_only(hook):
             fn = _capture_hook_with(self._token, self._outputs, base, self._stopper, hook)
         else:
-            if self._inputs is _NONE_RECORDED:
-                self._inputs, self._grad_outputs, self._grad_inputs = [], [], []
             if hook.needs_pre_hook:
+                if self._inputs is _NONE_RECORDED:
+                    self._inputs, self._grad_inputs = [], []
                 pre = self._make_pre_hook()
                 key = _next_hook_id()
                 keys.append(key)
@@ -851,6 +851,8 @@ class Trace(_Scoped):
             self._replays = None
             self._out_sites = self._sites_of("output") if hook.edit is not None else _NO_SITES
             wants_grad = hook.grad or hook.edit_grad is not None
+            if wants_grad and self._grad_outputs is _NONE_RECORDED:
+                self._grad_outputs = []
             self._grad_sites = self._sites_of("grad_output") if wants_grad else _NO_SITES
             plain = hook.detach and hook.clone and hook.device is None and hook.dtype is None
             self._copy = _PLAIN_COPY if plain else _copier(hook)
@@ -977,8 +979,17 @@ class Trace(_Scoped):
             x = output if type(output) is Tensor else primary(output)
             if x is None:
                 raise _no_primary(self.name, "output", output)
-            site = self._out_sites[call]
-            y = _check_edit_result(x, edit(x, site), site, edit)
+            sites = self._out_sites.sites
+            site = sites[call] if call < len(sites) else self._out_sites[call]
+            y = edit(x, site)
+            # The common result (a tensor like x) passes without a call; the rest is checked.
+            if not (
+                type(y) is Tensor
+                and y.shape == x.shape
+                and y.dtype is x.dtype
+                and y.device == x.device
+            ):
+                y = _check_edit_result(x, y, site, edit)
             if y is not x:
                 output = result = _replace_primary(output, y, self.name, "output")
         if replaying:
