@@ -43,6 +43,6 @@ bench: $(STAMP)
 	mkdir -p .benchmarks
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest benchmarks -m quick -q -p no:randomly \
 		--benchmark-enable --benchmark-disable-gc \
-		--benchmark-min-rounds=5 --benchmark-max-time=0.2 --bench-pair-time=0.5 \
+		--benchmark-min-rounds=5 --benchmark-max-time=0.2 --bench-pair-time=1.5 \
 		--benchmark-json=.benchmarks/quick.json
 	$(BIN)/python benchmarks/report.py .benchmarks/quick.json --gate
