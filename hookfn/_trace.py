@@ -830,13 +830,15 @@ class Trace(_Scoped):
         # (also after an interrupt between the two).
         keys = self._handles
         module = self.module
-        if self._stopper is None and (hook is _CAPTURE or _plain_capture(hook)):
+        # (An edit's hook is told apart at once: the capture-only tests are not run for it.)
+        capture_only = hook is _CAPTURE or (hook.edit is None and _captures_output_only(hook))
+        if capture_only and self._stopper is None and _plain_capture(hook):
             self._base = base
             fn: Callable[[nn.Module, Any, Any], Any] = self._capture_output
-        elif _captures_output_only(hook):
+        elif capture_only:
             fn = _capture_hook_with(self._token, self._outputs, base, self._stopper, hook)
         else:
-            if hook.needs_pre_hook:
+            if hook.input or hook.edit_input is not None or hook.grad_input:  # needs_pre_hook
                 if self._inputs is _NONE_RECORDED:
                     self._inputs, self._grad_inputs = [], []
                 pre = self._make_pre_hook()
@@ -844,8 +846,10 @@ class Trace(_Scoped):
                 keys.append(key)
                 module._forward_pre_hooks_with_kwargs[key] = True
                 module._forward_pre_hooks[key] = pre
-            if not hook.needs_forward_hook:
-                return
+            if not (
+                hook.output or hook.edit is not None or hook.grad or hook.edit_grad is not None
+            ):
+                return  # (not needs_forward_hook)
             self._base = base
             self._calls = 0
             self._replays = None
