@@ -961,9 +961,13 @@ class Trace(_Scoped):
         A bound method, whose state `_register` sets up in slots: no closure to make per
         site and run.
         """
-        replaying = _replaying(self._token, self._base)
-        if replaying is None:
-            return None
+        # `_replaying`, inlined for a forward of the run (this hook runs on every call of an
+        # edited module, with the CPU caches cold after the layers before it).
+        replaying: bool | None = False
+        if self._token not in _ACTIVE.get() or _graph_task() != self._base:
+            replaying = _replaying(self._token, self._base)
+            if replaying is None:
+                return None
         hook = self.hook
         edit = hook.edit
         if replaying:
@@ -995,7 +999,9 @@ class Trace(_Scoped):
             ):
                 y = _check_edit_result(x, y, site, edit)
             if y is not x:
-                output = result = _replace_primary(output, y, self.name, "output")
+                if type(output) is not Tensor:
+                    y = _replace_primary(output, y, self.name, "output")
+                output = result = y
         if replaying:
             return result
         if hook.grad or hook.edit_grad is not None:
