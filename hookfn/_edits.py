@@ -20,6 +20,7 @@ import operator
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import FunctionType
 from typing import Any, Union
 
 import einops
@@ -136,19 +137,55 @@ class Function(Edit):
         return f"Function({name})"
 
 
-def _positional_arity(fn: Callable[..., Any]) -> int | None:
+# A parameter as the checks below need it: (kind, name, required), kind one of "positional"
+# (positional-only or positional-or-keyword), "var" (*args), "keyword" (keyword-only).
+_Parameter = tuple[str, str, bool]
+
+
+def _parameters(fn: Callable[..., Any]) -> list[_Parameter] | None:
+    """The parameters of ``fn`` that matter to an edit call, or None where it has no
+    signature. A plain function's are read off its code object: `inspect.signature` costs
+    some 10 µs, paid by every run whose spec holds a lambda."""
+    state = getattr(fn, "__dict__", {})
+    if type(fn) is FunctionType and "__wrapped__" not in state and "__signature__" not in state:
+        code = fn.__code__
+        n = code.co_argcount  # positional-only included
+        names = code.co_varnames
+        first_default = n - len(fn.__defaults__ or ())
+        found: list[_Parameter] = [("positional", names[i], i < first_default) for i in range(n)]
+        if code.co_flags & inspect.CO_VARARGS:
+            found.append(("var", "*", False))
+        keyword_defaults = fn.__kwdefaults__ or {}
+        for name in names[n : n + code.co_kwonlyargcount]:
+            found.append(("keyword", name, name not in keyword_defaults))
+        return found
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return None
+    kinds = {
+        inspect.Parameter.POSITIONAL_ONLY: "positional",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD: "positional",
+        inspect.Parameter.VAR_POSITIONAL: "var",
+        inspect.Parameter.KEYWORD_ONLY: "keyword",
+    }
+    return [
+        ("var", "*", False)
+        if p.kind is inspect.Parameter.VAR_POSITIONAL
+        else (kinds[p.kind], p.name, p.default is inspect.Parameter.empty)
+        for p in signature.parameters.values()
+        if p.kind in kinds
+    ]
+
+
+def _positional_arity(parameters: list[_Parameter] | None) -> int | None:
+    if parameters is None:
+        return None
     count = 0
-    for parameter in signature.parameters.values():
-        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+    for kind, _, _ in parameters:
+        if kind == "var":
             return 2
-        if parameter.kind in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        ):
+        if kind == "positional":
             count += 1
     return count
 
@@ -176,14 +213,15 @@ def as_edit(fn: EditLike, *, where: str = "edit") -> Edit:
             f"{where}: expected an edit (a hookfn edit such as add(1.0), or a callable "
             f"f(x) / f(x, site)), got {type(fn).__name__}."
         )
-    arity = _positional_arity(fn)
+    parameters = _parameters(fn)
+    arity = _positional_arity(parameters)
     if arity == 0:
         raise SpecError(
             f"{where}: the callable {fn!r} takes no positional argument; an edit is called "
             "as f(x) or f(x, site)."
         )
     takes_site = arity is not None and arity >= 2
-    unfilled = _unfilled_parameters(fn, 2 if takes_site else 1)
+    unfilled = _unfilled_parameters(parameters, 2 if takes_site else 1)
     if unfilled:
         raise SpecError(
             f"{where}: the callable {fn!r} needs the argument(s) {', '.join(unfilled)}, which "
@@ -193,25 +231,17 @@ def as_edit(fn: EditLike, *, where: str = "edit") -> Edit:
     return Function(fn, takes_site=takes_site)
 
 
-def _unfilled_parameters(fn: Callable[..., Any], passed: int) -> list[str]:
-    """Required parameters of ``fn`` that a call with ``passed`` positional arguments misses."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return []
+def _unfilled_parameters(parameters: list[_Parameter] | None, passed: int) -> list[str]:
+    """Required parameters that a call with ``passed`` positional arguments misses."""
     missing = []
     position = 0
-    for parameter in parameters:
-        required = parameter.default is inspect.Parameter.empty
-        if parameter.kind in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        ):
+    for kind, name, required in parameters or ():
+        if kind == "positional":
             position += 1
             if position > passed and required:
-                missing.append(parameter.name)
-        elif parameter.kind is inspect.Parameter.KEYWORD_ONLY and required:
-            missing.append(parameter.name)
+                missing.append(name)
+        elif kind == "keyword" and required:
+            missing.append(name)
     return missing
 
 

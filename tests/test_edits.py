@@ -898,3 +898,71 @@ def test_a_patch_never_aliases_the_cache(edit: Edit) -> None:
     y.mul_(0.0).add_(7.0)
     assert torch.equal(OTHER, SNAPSHOT["OTHER"])
     assert not torch.equal(y, x)
+
+
+def _f_pos_only(x, /, site):  # type: ignore[no-untyped-def]
+    return x
+
+
+def _f_kw_only(x, *, scale):  # type: ignore[no-untyped-def]
+    return x * scale
+
+
+def _f_kw_default(x, *, scale=2.0):  # type: ignore[no-untyped-def]
+    return x * scale
+
+
+def _f_var(*args):  # type: ignore[no-untyped-def]
+    return args[0]
+
+
+def _f_var_kw(x, *rest, k, j=1, **options):  # type: ignore[no-untyped-def]
+    return x
+
+
+def _f_defaults(x, y, z=1, w=2):  # type: ignore[no-untyped-def]
+    return x
+
+
+def _f_none():  # type: ignore[no-untyped-def]
+    return None
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: x,
+        lambda x, site: x,
+        lambda x, site=None: x,
+        _f_pos_only,
+        _f_kw_only,
+        _f_kw_default,
+        _f_var,
+        _f_var_kw,
+        _f_defaults,
+        _f_none,
+        double,
+    ],
+)
+def test_a_plain_functions_parameters_match_inspect(fn: Callable[..., Any]) -> None:
+    """Plain functions are read off their code object; the reference is inspect.signature."""
+    import inspect
+
+    from hookfn._edits import _parameters
+
+    kinds = {
+        inspect.Parameter.POSITIONAL_ONLY: "positional",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD: "positional",
+        inspect.Parameter.VAR_POSITIONAL: "var",
+        inspect.Parameter.KEYWORD_ONLY: "keyword",
+    }
+    expected = [
+        (
+            kinds[p.kind],
+            p.name if p.kind is not inspect.Parameter.VAR_POSITIONAL else "*",
+            p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_POSITIONAL,
+        )
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in kinds
+    ]
+    assert _parameters(fn) == expected
