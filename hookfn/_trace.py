@@ -348,7 +348,7 @@ def _resolve(
         plans = kept_on.plans
         if len(plans) >= _MAX_CACHED_PLANS:
             for old in list(plans)[: _MAX_CACHED_PLANS // 2]:
-                del plans[old]
+                plans.pop(old, None)  # (another thread may have dropped it)
         plans[keys] = cached
     return planned, cached
 
