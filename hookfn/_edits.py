@@ -1035,8 +1035,9 @@ def _part_site(site: Site, whole: torch.Size, view: Callable[[Tensor], Tensor]) 
         kind=getattr(site, "kind", "output"),
         module=getattr(site, "module", None),  # type: ignore[arg-type]
     )
-    part._whole_shape = getattr(site, "_whole_shape", whole)
-    part._views = (*getattr(site, "_views", ()), view)
+    # (Set past Site.__setattr__, which only guards the read-only fields.)
+    object.__setattr__(part, "_whole_shape", getattr(site, "_whole_shape", whole))
+    object.__setattr__(part, "_views", (*getattr(site, "_views", ()), view))
     return part
 
 
@@ -1058,7 +1059,10 @@ class PatchFrom(_Value):
             )
         # The part the edit is given (inside `at`/`heads`), then a copy of it alone: the model
         # may change the patched tensor in place, never the cache.
-        return _through_views(site, source).to(device=x.device, dtype=x.dtype, copy=True)
+        part = _through_views(site, source)
+        if part.dtype is x.dtype and part.device == x.device:
+            return part.clone()
+        return part.to(device=x.device, dtype=x.dtype)  # converted: a copy
 
     def __repr__(self) -> str:
         return _call_repr("patch_from", (self.cache,))
