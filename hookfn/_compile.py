@@ -85,11 +85,8 @@ def eager_callable(model: nn.Module) -> tuple[Callable[..., Any], nn.Module | No
     parameters); a module compiled in place is called through its eager ``_call_impl``, which
     runs its hooks and its ``forward`` exactly as ``module(...)`` would without compilation.
     """
-    optimized = _optimized_module()
-    inner = model if optimized is None or not isinstance(model, optimized) else None
-    if inner is None:
-        inner = _strip_wrappers(model)
-    if getattr(inner, "_compiled_call_impl", None) is not None:
+    inner = _strip_wrappers(model)
+    if is_compiled_in_place(inner):
         return inner._call_impl, inner
     return inner, None
 

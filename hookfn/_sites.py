@@ -65,8 +65,8 @@ class ModelIndex:
     """Names of a model's modules in `named_modules()` order, built once and reused.
 
     It holds the model's submodules but never the model itself (``modules`` has no entry for
-    the name ``""``): it is cached under the model as a weak key, and a reference back to the
-    key would keep every model ever hooked alive.
+    the name ``""``): it is kept only while the model lives (see `_INDEX`), and a reference
+    back to the model would keep every model ever hooked alive.
     """
 
     names: list[str]
@@ -196,7 +196,7 @@ def _links(inner: nn.Module, inner_key: str) -> list[Link] | None:
 def _submodule(inner: nn.Module, inner_key: str) -> nn.Module | None:
     """``inner.get_submodule(inner_key)``, or None where it raises.
 
-    Fast path: follow the registered children (`_links`); anything else takes the slow path.
+    Fast path: follow the steps `_links` finds; anything else takes the slow path.
     """
     links = _links(inner, inner_key)
     if links is not None:

@@ -358,6 +358,9 @@ def _by_order(planned: _Planned) -> int:
 
 
 def _copier(hook: Hook) -> Callable[[Tensor], Tensor]:
+    """The copy of captured tensors ``hook`` asks for; `_PLAIN_COPY` for the default one."""
+    if hook.detach and hook.clone and hook.device is None and hook.dtype is None:
+        return _PLAIN_COPY
     return _make_copier(hook.detach, hook.clone, hook.device, hook.dtype)
 
 
@@ -381,7 +384,6 @@ _PLAIN_COPY = _make_copier(True, True, None, None)
 
 # The records a trace has not made lists for: nothing is ever appended to it.
 _NONE_RECORDED: Any = ()
-_NO_CALLS: tuple[Any, ...] = ()
 
 
 def _copy_value(copy: Callable[[Tensor], Tensor], value: Any) -> Any:
@@ -564,17 +566,6 @@ def _capture_hook_with(
     return capture_and_count
 
 
-def _plain_capture(hook: Hook) -> bool:
-    """Whether ``hook`` only captures outputs, with the default copy."""
-    return hook is _CAPTURE or (
-        _captures_output_only(hook)
-        and hook.detach
-        and hook.clone
-        and hook.device is None
-        and hook.dtype is None
-    )
-
-
 def _replaying(token: object, base: int) -> bool | None:
     """Which call of a run's hook this is: None, not the run's (the gate is closed); False,
     a forward of the run; True, a re-run of it by activation checkpointing during its
@@ -672,29 +663,6 @@ class Trace(_Scoped):
         (True, True)
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layer: str | nn.Module,
-        retain_output: bool = True,
-        retain_input: bool = False,
-        edit_output: EditLike | None = None,
-        *,
-        hook: Hook | None = None,
-    ) -> None:
-        if hook is None:
-            hook = to_hook((retain_output, retain_input, edit_output), str(layer))
-        planned, cached = _plan(model, {layer: hook})
-        if len(planned) != 1:
-            names = ", ".join(repr(p.name) for p in planned[:4])
-            raise SpecError(
-                f"Trace hooks exactly one layer, but {layer!r} matches {len(planned)} "
-                f"({names}, ...); use TraceMultiple for several."
-            )
-        around = _Around(model, planned, None, cached)  # may refuse compiled code
-        self._init(planned[0], token=None, cache=cached)
-        self._around = around
-
     __slots__ = (
         "_around",
         "_base",
@@ -745,6 +713,29 @@ class Trace(_Scoped):
     _stopper: _Stopper | None
     _token: object
     _used: bool
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | nn.Module,
+        retain_output: bool = True,
+        retain_input: bool = False,
+        edit_output: EditLike | None = None,
+        *,
+        hook: Hook | None = None,
+    ) -> None:
+        if hook is None:
+            hook = to_hook((retain_output, retain_input, edit_output), str(layer))
+        planned, cached = _plan(model, {layer: hook})
+        if len(planned) != 1:
+            names = ", ".join(repr(p.name) for p in planned[:4])
+            raise SpecError(
+                f"Trace hooks exactly one layer, but {layer!r} matches {len(planned)} "
+                f"({names}, ...); use TraceMultiple for several."
+            )
+        around = _Around(model, planned, None, cached)  # may refuse compiled code
+        self._init(planned[0], token=None, cache=cached)
+        self._around = around
 
     @classmethod
     def _from_plan(
@@ -832,7 +823,7 @@ class Trace(_Scoped):
         module = self.module
         # (An edit's hook is told apart at once: the capture-only tests are not run for it.)
         capture_only = hook is _CAPTURE or (hook.edit is None and _captures_output_only(hook))
-        if capture_only and self._stopper is None and _plain_capture(hook):
+        if capture_only and self._stopper is None and _copier(hook) is _PLAIN_COPY:
             self._base = base
             fn: Callable[[nn.Module, Any, Any], Any] = self._capture_output
         elif capture_only:
@@ -858,11 +849,9 @@ class Trace(_Scoped):
             if wants_grad and self._grad_outputs is _NONE_RECORDED:
                 self._grad_outputs = []
             self._grad_sites = self._sites_of("grad_output") if wants_grad else _NO_SITES
-            plain = hook.detach and hook.clone and hook.device is None and hook.dtype is None
-            self._copy = _PLAIN_COPY if plain else _copier(hook)
+            self._copy = _copier(hook)
             fn = self._forward_hook
-        key = RemovableHandle.next_id  # (see _next_hook_id)
-        RemovableHandle.next_id = key + 1
+        key = _next_hook_id()
         keys.append(key)
         _OWN_FORWARD_HOOKS.add(key)
         hooks = module._forward_hooks
@@ -1137,9 +1126,9 @@ class Trace(_Scoped):
         capture = make_capture(
             self.name,
             tuple(self._outputs),
-            _NO_CALLS if self._inputs is _NONE_RECORDED else tuple(self._inputs),
-            _NO_CALLS if self._grad_outputs is _NONE_RECORDED else tuple(self._grad_outputs),
-            _NO_CALLS if self._grad_inputs is _NONE_RECORDED else tuple(self._grad_inputs),
+            tuple(self._inputs),
+            tuple(self._grad_outputs),
+            tuple(self._grad_inputs),
         )
         if not self._handles:
             self._capture = capture  # the trace is closed: nothing can change any more
