@@ -948,7 +948,7 @@ def test_a_plain_functions_parameters_match_inspect(fn: Callable[..., Any]) -> N
     """Plain functions are read off their code object; the reference is inspect.signature."""
     import inspect
 
-    from hookfn._edits import _parameters
+    from hookfn._edits._base import _parameters
 
     kinds = {
         inspect.Parameter.POSITIONAL_ONLY: "positional",

@@ -1,0 +1,61 @@
+"""Edits: small immutable values that map an activation to a new one.
+
+An edit is called as ``edit(x, site)`` and returns a new tensor of the same shape; it never
+mutates ``x``. Edits are built by factories (`add`, `scale`, `ablate`, `patch_from`, ...),
+compose left to right with ``>>``, compare equal when built from equal arguments, print as
+the expression that built them, and pickle (except plain lambdas, which Python cannot
+pickle).
+
+Restricting an edit to part of the tensor (`at`, `Edit.at`, `heads`) hands the inner edit
+that part; an edit that reads a cache (`patch_from`, `mean_ablate`, `resample_ablate`) then
+reads the same part of the cached tensor.
+
+The modules, in the order they build on each other: `_base` (the protocol, composition and
+value semantics), `_parts` (the part an edit sees), `_checks` (operands, dims, indices),
+`_elementwise`, `_cache`, `_ablations`, `_directions`, `_restrict`.
+"""
+
+from __future__ import annotations
+
+from ._ablations import Ablate, MeanAblate, ResampleAblate, ablate, mean_ablate, resample_ablate
+from ._base import Cache, Chain, Edit, EditLike, Function, Index, as_edit, chain, identity
+from ._cache import PatchFrom, patch_from
+from ._directions import ProjectOut, Steer, project_out, steer
+from ._elementwise import Add, Clamp, Replace, Scale, add, clamp, replace, scale
+from ._restrict import At, Heads, at, heads
+
+__all__ = [
+    "Ablate",
+    "Add",
+    "At",
+    "Cache",
+    "Chain",
+    "Clamp",
+    "Edit",
+    "EditLike",
+    "Function",
+    "Heads",
+    "Index",
+    "MeanAblate",
+    "PatchFrom",
+    "ProjectOut",
+    "Replace",
+    "ResampleAblate",
+    "Scale",
+    "Steer",
+    "ablate",
+    "add",
+    "as_edit",
+    "at",
+    "chain",
+    "clamp",
+    "heads",
+    "identity",
+    "mean_ablate",
+    "patch_from",
+    "project_out",
+    "replace",
+    "resample_ablate",
+    "scale",
+    "steer",
+]

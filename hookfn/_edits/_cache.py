@@ -1,0 +1,131 @@
+"""Reading a cache of an earlier run: `patch_from`, and the lookup that cache-reading edits
+share."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from .._capture import Capture, primary
+from .._errors import EditError, SpecError
+from .._site import Site
+from ._base import Cache, Edit, _call_repr, _Value
+from ._checks import _kind, _where
+from ._parts import _through_views, _whole_shape
+
+# -- patching from a cache -------------------------------------------------------------------
+
+
+def _cached(cache: Cache, site: Site, edit: Edit) -> Tensor:
+    """The tensor recorded at ``site`` (same layer, call and kind) in ``cache``."""
+    name = str.__str__(site)
+    kind = _kind(site)
+    call = int(getattr(site, "call", 0))
+    capture = cache.get(name)
+    if capture is None:
+        names = list(cache)
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" (closest: {', '.join(map(repr, close))})" if close else ""
+        raise EditError(
+            f"{_where(edit, site)}: the cache has no layer {name!r}{hint}; it has "
+            f"{len(names)} layer(s): {names[:6]}. Capture {name!r} in the run that made the "
+            f"cache, e.g. run_with_hooks(model, clean_inputs, [{name!r}, ...])."
+        )
+    if not isinstance(capture, Capture):
+        raise EditError(
+            f"{_where(edit, site)}: cache[{name!r}] is a {type(capture).__name__}; a cache is "
+            "the {layer: Capture} dict that run_with_hooks returns."
+        )
+    records: tuple[Any, ...]
+    if kind == "output":
+        records = capture.raw_outputs
+    elif kind == "input":
+        records = capture.raw_inputs
+    elif kind == "grad_output":
+        records = capture.grad_outputs
+    else:
+        records = capture.grad_inputs
+    if call >= len(records):
+        raise EditError(
+            f"{_where(edit, site)}: the cache recorded {len(records)} {kind}(s) of layer "
+            f"{name!r}, but this is call {call}. Record the {kind} in the run that made the "
+            f"cache ({_HOW[kind]}), with the same calls of the module as this run."
+        )
+    tensor = primary(records[call])
+    if tensor is None:
+        raise EditError(
+            f"{_where(edit, site)}: the cached {kind} of layer {name!r} (call {call}) has no "
+            f"tensor ({type(records[call]).__name__}); {_HOW[kind]}."
+        )
+    return tensor
+
+
+_HOW = {
+    "output": "capture it: 'capture' or Hook(output=True)",
+    "input": "capture it with Hook(input=True)",
+    "grad_output": "capture it with Hook(grad=True) and backward=...",
+    "grad_input": "capture it with Hook(grad_input=True) and backward=...",
+}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PatchFrom(_Value):
+    """The activation recorded at the same layer and call in a cache (see `patch_from`)."""
+
+    cache: Cache
+
+    def __call__(self, x: Tensor, site: Site) -> Tensor:
+        source = _cached(self.cache, site, self)
+        whole = _whole_shape(site, x)
+        if source.shape != whole:
+            raise EditError(
+                f"{_where(self, site)}: the cached {_kind(site)} has shape "
+                f"{tuple(source.shape)}, but this run's has shape {tuple(whole)}; patch "
+                "from a run on inputs of the same shape (same batch size and sequence "
+                "length)."
+            )
+        # The part the edit is given (inside `at`/`heads`), then a copy of it alone: the model
+        # may change the patched tensor in place, never the cache.
+        part = _through_views(site, source)
+        if part.dtype is x.dtype and part.device == x.device:
+            return part.clone()
+        return part.to(device=x.device, dtype=x.dtype)  # converted: a copy
+
+    def __repr__(self) -> str:
+        return _call_repr("patch_from", (self.cache,))
+
+
+def patch_from(cache: Cache) -> PatchFrom:
+    """Replace the activation by the one recorded at the same layer in an earlier run.
+
+    ``cache`` is the ``{layer: Capture}`` dict `run_with_hooks` returned; the recorded tensor
+    is looked up by the site's layer name and call index (a module called several times is
+    patched call by call), and by what is edited (output, input or gradient). Restrict the
+    patch to positions, a token mask or heads by composition:
+    ``patch_from(clean).at([3, 4])``, ``heads(patch_from(clean), n_heads=12, which=[5])``.
+    Laws: patching a run from its own cache changes nothing; idempotent.
+
+    Raises:
+        EditError: (when applied) the cache lacks the layer or the call, or the recorded
+            shape differs from the activation's; the message names the layer and shapes.
+
+    Examples:
+        >>> import torch
+        >>> from hookfn import run_with_hooks
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        >>> clean, corrupt = torch.randn(3, 4), torch.randn(3, 4)
+        >>> clean_out, cache = run_with_hooks(model, clean, ["0"])
+        >>> out, _ = run_with_hooks(model, corrupt, {"0": patch_from(cache)})
+        >>> torch.allclose(out, clean_out)
+        True
+    """
+    if not isinstance(cache, Mapping):
+        raise SpecError(
+            f"patch_from(cache) takes the {{layer: Capture}} dict of an earlier run, got "
+            f"{type(cache).__name__}; use replace(tensor) to put in a tensor of your own."
+        )
+    return PatchFrom(cache)
