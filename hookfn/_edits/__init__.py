@@ -10,9 +10,11 @@ Restricting an edit to part of the tensor (`at`, `Edit.at`, `heads`) hands the i
 that part; an edit that reads a cache (`patch_from`, `mean_ablate`, `resample_ablate`) then
 reads the same part of the cached tensor.
 
-The modules, in the order they build on each other: `_base` (the protocol, composition and
-value semantics), `_parts` (the part an edit sees), `_checks` (operands, dims, indices),
-`_elementwise`, `_cache`, `_ablations`, `_directions`, `_restrict`.
+The modules, in the order they build on each other: `_base` (the protocol, plain
+callables, composition and value semantics), `_arguments` (checks when an edit is built),
+`_result` (`check_result`), `_parts` (the part an edit sees), `_checks` (checks when it
+runs), `_index` (index forms), `_elementwise`, `_cache`, `_ablations`, `_directions`,
+`_restrict` (`at`, `heads`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ._cache import PatchFrom, patch_from
 from ._directions import ProjectOut, Steer, project_out, steer
 from ._elementwise import Add, Clamp, Replace, Scale, add, clamp, replace, scale
 from ._restrict import At, Heads, at, heads
+from ._result import check_result
 
 __all__ = [
     "Ablate",
@@ -48,6 +51,7 @@ __all__ = [
     "as_edit",
     "at",
     "chain",
+    "check_result",
     "clamp",
     "heads",
     "identity",

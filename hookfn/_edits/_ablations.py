@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,20 +10,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._errors import EditError
+from .._errors import EditError, SpecError
 from .._site import Site
-from ._base import Cache, Edit, Index, _call_repr, _frozen, _Value
+from ._arguments import _cache_arg, _dim_arg, _int_like, _is_integer_dtype
+from ._base import Cache, Index, _call_repr, _Value
 from ._cache import _cached
-from ._checks import _broadcasts, _dim_size, _kind, _replace_features, _where
+from ._checks import _like, _needs_float
+from ._index import _index_along, _index_kwargs, _replace_features
 from ._parts import _through_views, _whole_shape
-
-# -- ablations -------------------------------------------------------------------------------
-
-
-def _index_kwargs(idx: Index, dim: int) -> tuple[list[object], dict[str, object]]:
-    args: list[object] = [] if idx is None else [idx]
-    kwargs: dict[str, object] = {} if dim == -1 else {"dim": dim}
-    return args, kwargs
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -33,7 +28,7 @@ class Ablate(_Value):
     dim: int
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        return _replace_features(x, 0.0, self.idx, self.dim, self, site)
+        return _replace_features(x, 0, self.idx, self.dim)
 
     def __repr__(self) -> str:
         return _call_repr("ablate", *_index_kwargs(self.idx, self.dim))
@@ -48,11 +43,14 @@ def ablate(idx: Index = None, dim: int = -1) -> Ablate:
     functions); ablations of different entries commute.
 
     Args:
-        idx: An int, a list of ints, a slice, a bool mask (list or tensor) of the dim's
-            length, a long tensor, or ``None`` for all entries.
+        idx: An int, a list of ints, a slice (positive step), a bool mask (list or 1-D
+            tensor) of the dim's length, a 1-D integer tensor, or ``None`` for all entries.
+            ``True``/``False``, floats, a uint8 tensor or a tensor of 2 or more dims are
+            refused.
         dim: The dimension ``idx`` indexes; ``-1`` (features) by default.
 
     Raises:
+        SpecError: ``idx`` or ``dim`` is not one of the forms above.
         EditError: (when applied) ``dim`` or ``idx`` does not fit the activation's shape.
 
     Examples:
@@ -65,11 +63,47 @@ def ablate(idx: Index = None, dim: int = -1) -> Ablate:
         tensor([[0., 0., 0.],
                 [1., 1., 1.]])
     """
-    return Ablate(_frozen(idx), dim)
+    return Ablate(_index_along(idx, "ablate(idx)"), _dim_arg(dim, "ablate(..., dim=...)"))
 
 
-def _over(over: int | Sequence[int]) -> tuple[int, ...]:
-    return (over,) if isinstance(over, int) else tuple(over)
+def _over_arg(over: object) -> tuple[int, ...]:
+    single = _int_like(over)
+    items = [single] if single is not None else over
+    if not isinstance(items, (list, tuple, range)):
+        raise SpecError(f"mean_ablate(over=...) takes a dim or a list of dims, got {over!r}.")
+    dims = tuple(_dim_arg(d, "mean_ablate(over=...)") for d in items)
+    if not dims:
+        raise SpecError(
+            "mean_ablate(over=()) averages over no dimension, which would leave nothing to "
+            "average (torch reads dim=() as every dim); pass over=0 for the batch, or "
+            "over=(0, 1) for the batch and positions."
+        )
+    if len(set(dims)) != len(dims):
+        raise SpecError(f"mean_ablate(over={over!r}) names a dimension twice; name each once.")
+    return dims
+
+
+def _over_dims(source: Tensor, over: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """``over`` as distinct dims in ``[0, source.dim())``."""
+    n = source.dim()
+    dims = []
+    for d in over:
+        if not -n <= d < n:
+            raise EditError(
+                f"dim={d} (in over=...) is out of range for the {what} of shape "
+                f"{tuple(source.shape)} ({n} dimensions); pass dims in [{-n}, {n - 1}]."
+            )
+        dims.append(d % n)
+    if len(set(dims)) != len(dims):
+        raise EditError(
+            f"over={over} names a dimension of the {what} ({n} dimensions) twice; name each once."
+        )
+    if any(source.shape[d] == 0 for d in dims):
+        raise EditError(
+            f"the {what} has shape {tuple(source.shape)}: the mean over over={over} is of "
+            "no entries."
+        )
+    return tuple(dims)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -82,18 +116,27 @@ class MeanAblate(_Value):
     over: tuple[int, ...]
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
+        if not (x.is_floating_point() or x.is_complex()):
+            _needs_float(x, "mean_ablate", "use ablate or resample_ablate on it (token ids?)")
         if self.cache is None:
-            source = x
+            mean = x.mean(dim=_over_dims(x, self.over, "activation"), keepdim=True)
         else:
-            source = _cached(self.cache, site, self).to(device=x.device, dtype=x.dtype)
-        for d in self.over:
-            _dim_size(source, d, self, site)
-        mean = source.mean(dim=self.over, keepdim=True)
-        if self.cache is not None:
+            source = _cached(self.cache, site)
+            dims = _over_dims(source, self.over, "cached activation")
             whole = _whole_shape(site, x)
-            _check_mean_fits(mean, whole, source, self, site)
-            mean = _through_views(site, mean.expand(whole))
-        return _replace_features(x, mean, self.idx, self.dim, self, site)
+            if source.dim() != len(whole) or any(
+                source.shape[d] != whole[d] for d in range(len(whole)) if d not in dims
+            ):
+                raise EditError(
+                    f"the cached activation has shape {tuple(source.shape)}, and its mean over "
+                    f"dims {list(dims)} does not fit the activation of shape {tuple(whole)}: "
+                    "the ranks must be equal and the dimensions not averaged over (over=...) "
+                    "must match (e.g. the same sequence length)."
+                )
+            # The mean in the cache's own precision, then converted.
+            mean = source.mean(dim=dims, keepdim=True)
+            mean = _like(_through_views(site, mean.expand(whole)), x, "cached activation")
+        return _replace_features(x, mean, self.idx, self.dim)
 
     def __repr__(self) -> str:
         args, kwargs = _index_kwargs(self.idx, self.dim)
@@ -102,18 +145,6 @@ class MeanAblate(_Value):
         if self.over != (0,):
             kwargs["over"] = self.over[0] if len(self.over) == 1 else self.over
         return _call_repr("mean_ablate", args, kwargs)
-
-
-def _check_mean_fits(
-    mean: Tensor, whole: torch.Size, source: Tensor, edit: Edit, site: Site
-) -> None:
-    if not _broadcasts(mean.shape, whole):
-        raise EditError(
-            f"{_where(edit, site)}: the cached {_kind(site)} has shape {tuple(source.shape)}, "
-            f"its mean has shape {tuple(mean.shape)}, which does not broadcast to the "
-            f"{_kind(site)} of shape {tuple(whole)}; the dimensions that are not averaged "
-            "(over=...) must match (e.g. the same sequence length)."
-        )
 
 
 def mean_ablate(
@@ -128,18 +159,23 @@ def mean_ablate(
     Without ``cache`` the mean is taken over dimension ``over`` (the batch, dim 0) of the
     activation itself. With ``cache`` (the ``{layer: Capture}`` dict of an earlier run, for
     instance over a reference dataset) it is the mean of the tensor recorded at the same
-    layer (and call), broadcast back to the activation's shape; pass ``over=(0, 1)`` to
-    average over positions too. Laws: idempotent when ``dim`` is not one of the dimensions
-    averaged over (the default: features replaced by their batch mean).
+    layer (and call), broadcast back to the activation's shape: the cached tensor has the
+    activation's rank, and its dims not averaged over match the activation's. Pass
+    ``over=(0, 1)`` to average over positions too. Laws: idempotent when ``dim`` is not one
+    of the dimensions averaged over (the default: features replaced by their batch mean).
 
     Args:
         idx: Which entries along ``dim`` to replace (see `ablate`); ``None``: all.
         dim: The dimension ``idx`` indexes; ``-1`` by default.
-        cache: Take the mean from this cache instead of from the activation.
-        over: The dimension(s) averaged over.
+        cache: Take the mean from this cache instead of from the activation (a dict copied
+            when the edit is built).
+        over: The dimension(s) averaged over: at least one, each once.
 
     Raises:
-        EditError: (when applied) the cache lacks the layer, or shapes do not fit.
+        SpecError: ``idx``, ``dim``, ``cache`` or ``over`` is not of an accepted form
+            (``over=()`` and ``over=(0, 0)`` included).
+        EditError: (when applied) the activation is not floating-point, the cache lacks the
+            layer, or the shapes do not fit (``over=(0, -2)`` naming one dim twice included).
 
     Examples:
         >>> import torch
@@ -148,7 +184,12 @@ def mean_ablate(
         tensor([[1., 3.],
                 [1., 3.]])
     """
-    return MeanAblate(_frozen(idx), dim, cache, _over(over))
+    return MeanAblate(
+        _index_along(idx, "mean_ablate(idx)"),
+        _dim_arg(dim, "mean_ablate(..., dim=...)"),
+        None if cache is None else _cache_arg(cache, "mean_ablate(cache=...)"),
+        _over_arg(over),
+    )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -167,46 +208,43 @@ class ResampleAblate(_Value):
             source = x
             whole = x.shape
         else:
-            source = _cached(self.cache, site, self).to(device=x.device, dtype=x.dtype)
+            source = _like(_cached(self.cache, site), x, "cached activation")
             whole = _whole_shape(site, x)
         if source.dim() == 0 or len(whole) == 0:
             raise EditError(
-                f"{_where(edit=self, site=site)}: resampling picks rows of dimension 0 (the "
-                f"batch), but the {_kind(site)} is a scalar."
+                "resampling picks rows of dimension 0 (the batch), but the activation is a scalar."
             )
-        rows = self._rows(int(source.shape[0]), int(whole[0]), site)
+        rows = self._rows(int(source.shape[0]), int(whole[0]))
         picked = source if rows is None else source.index_select(0, rows.to(source.device))
         if self.cache is not None:
             if picked.shape != whole:
                 raise EditError(
-                    f"{_where(self, site)}: the cached {_kind(site)} has shape "
-                    f"{tuple(source.shape)}, and the rows picked from it have shape "
-                    f"{tuple(picked.shape)}, but the {_kind(site)} has shape {tuple(whole)}; "
-                    "apart from the batch the shapes must match; pass perm=[...] with one "
-                    "cached row per row of the batch."
+                    f"the cached activation has shape {tuple(source.shape)}, and the rows "
+                    f"picked from it have shape {tuple(picked.shape)}, but the activation has "
+                    f"shape {tuple(whole)}; apart from the batch the shapes must match; pass "
+                    "perm=[...] with one cached row per row of the batch."
                 )
             picked = _through_views(site, picked)
-        return _replace_features(x, picked, self.idx, self.dim, self, site)
+        return _replace_features(x, picked, self.idx, self.dim)
 
-    def _rows(self, n_source: int, n_rows: int, site: Site) -> Tensor | None:
+    def _rows(self, n_source: int, n_rows: int) -> Tensor | None:
         if self.perm is not None:
-            if len(self.perm) != n_rows or not all(-n_source <= p < n_source for p in self.perm):
+            if len(self.perm) != n_rows or max(self.perm) >= n_source:
                 raise EditError(
-                    f"{_where(self, site)}: perm has {len(self.perm)} entries in "
-                    f"[{min(self.perm, default=0)}, {max(self.perm, default=0)}], but it "
-                    f"needs one per row of the batch ({n_rows}), each in [0, {n_source - 1}] "
-                    f"(the rows of the source)."
+                    f"perm has {len(self.perm)} entries in [{min(self.perm)}, "
+                    f"{max(self.perm)}], but it needs one per row of the batch ({n_rows}), "
+                    f"each in [0, {n_source - 1}] (the rows of the source)."
                 )
             return torch.tensor(self.perm, dtype=torch.long)
         if self.cache is not None:
             return None  # row i from the other run's row i
         if n_source < 2:
             raise EditError(
-                f"{_where(self, site)}: resampling from the same batch needs at least 2 "
-                f"inputs, but the batch has {n_source}; pass cache= (another run's "
-                "captures) to resample from other inputs."
+                f"resampling from the same batch needs at least 2 inputs, but the batch has "
+                f"{n_source}; pass cache= (another run's captures) to resample from other "
+                "inputs."
             )
-        return _derangement(n_source, self.seed)
+        return torch.tensor(_derangement(n_source, self.seed), dtype=torch.long)
 
     def __repr__(self) -> str:
         args, kwargs = _index_kwargs(self.idx, self.dim)
@@ -219,18 +257,48 @@ class ResampleAblate(_Value):
         return _call_repr("resample_ablate", args, kwargs)
 
 
-def _derangement(n: int, seed: int) -> Tensor:
-    """A random permutation of ``range(n)`` without fixed points (one ``n``-cycle).
+@functools.lru_cache(maxsize=256)
+def _derangement(n: int, seed: int) -> tuple[int, ...]:
+    """A permutation of ``range(n)`` without fixed points, uniform among all of them.
 
-    Drawn with Python's `random`, not torch's generator: the same seed gives the same rows
-    everywhere, and it runs under ``torch.func.vmap`` (which rejects torch random ops).
+    Uniform permutations (`random.Random.shuffle`, a Fisher-Yates shuffle) are drawn until
+    one has no fixed point: about e ≈ 2.7 draws on average. Python's `random`, not torch's
+    generator: the same seed gives the same rows everywhere, and it runs under
+    ``torch.func.vmap`` (which rejects torch random ops).
     """
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    rows = [0] * n
-    for i, row in enumerate(order):
-        rows[row] = order[(i + 1) % n]
-    return torch.tensor(rows, dtype=torch.long)
+    rng = random.Random(seed)
+    rows = list(range(n))
+    while True:
+        rng.shuffle(rows)
+        if all(row != i for i, row in enumerate(rows)):
+            return tuple(rows)
+
+
+def _perm_arg(perm: object) -> tuple[int, ...]:
+    what = "resample_ablate(perm=...)"
+    if isinstance(perm, Tensor):
+        if perm.dim() != 1 or not _is_integer_dtype(perm.dtype):
+            raise SpecError(
+                f"{what} takes a 1-D integer tensor or a list of row indices, got a tensor of "
+                f"shape {tuple(perm.shape)} and dtype {perm.dtype}."
+            )
+        items: list[object] = list(perm.tolist())
+    elif isinstance(perm, (list, tuple, range)):
+        items = list(perm)
+    else:
+        raise SpecError(f"{what} takes a list of row indices, got {type(perm).__name__}.")
+    if not items:
+        raise SpecError(f"{what}: an empty perm names no row; pass one row per row of the batch.")
+    rows = []
+    for item in items:
+        row = _int_like(item)
+        if row is None or row < 0:
+            raise SpecError(
+                f"{what}: {item!r} is not a row index; pass ints in [0, n), n the number of "
+                "rows of the source (the batch, or the cached run's batch)."
+            )
+        rows.append(row)
+    return tuple(rows)
 
 
 def resample_ablate(
@@ -245,19 +313,25 @@ def resample_ablate(
 
     Row ``i`` of the batch (dimension 0) takes its values from row ``perm[i]`` of the
     source: the activation itself, or, with ``cache``, the tensor recorded at the same
-    layer (and call) in another run. Without ``perm``: from the activation itself, a random
-    permutation without fixed points drawn from ``seed`` (every input gets another input's
-    values; the same seed gives the same permutation); from a cache, row ``i`` of the cached
-    run (the same shape is then required).
+    layer (and call) in another run. Without ``perm``: from the activation itself, a
+    permutation without fixed points (a derangement: every input gets another input's
+    values) drawn uniformly among all of them from ``seed``, the same rows for the same seed
+    and batch size; from a cache, row ``i`` of the cached run (the same shape is then
+    required).
 
     Args:
         idx: Which entries along ``dim`` to replace (see `ablate`); ``None``: all.
         dim: The dimension ``idx`` indexes; ``-1`` by default.
-        cache: Resample from this ``{layer: Capture}`` dict of another run.
-        perm: For each row of the batch, the source row it takes its values from.
-        seed: The seed of the random permutation used when ``perm`` is not given.
+        cache: Resample from this ``{layer: Capture}`` dict of another run (copied when the
+            edit is built).
+        perm: For each row of the batch, the source row it takes its values from: ints
+            ``>= 0`` (a list or a 1-D integer tensor).
+        seed: A non-negative int, the seed of the permutation drawn without ``perm`` and
+            ``cache`` (with either, no permutation is drawn and a seed is refused).
 
     Raises:
+        SpecError: an argument is not of an accepted form (``perm=[1.7, ...]``,
+            ``perm=[-1, ...]``, ``seed=None``, ``seed=1.5``, a seed with ``perm``).
         EditError: (when applied) the cache lacks the layer, shapes do not fit, ``perm`` has
             the wrong length or range, or a batch of one has no other input to draw from.
 
@@ -270,7 +344,22 @@ def resample_ablate(
                 [2., 1.],
                 [4., 3.]])
     """
-    if isinstance(perm, Tensor):
-        perm = perm.tolist()
-    rows = None if perm is None else tuple(int(p) for p in perm)
-    return ResampleAblate(_frozen(idx), dim, cache, rows, seed)
+    rows = None if perm is None else _perm_arg(perm)
+    seed_value = _int_like(seed)
+    if seed_value is None or seed_value < 0:
+        raise SpecError(
+            f"resample_ablate(seed=...) takes a non-negative int (the same seed draws the same "
+            f"rows), got {seed!r}."
+        )
+    if seed_value != 0 and (rows is not None or cache is not None):
+        raise SpecError(
+            "resample_ablate(seed=...) seeds the rows drawn when neither perm= nor cache= is "
+            "given; with either, no rows are drawn: drop seed=."
+        )
+    return ResampleAblate(
+        _index_along(idx, "resample_ablate(idx)"),
+        _dim_arg(dim, "resample_ablate(..., dim=...)"),
+        None if cache is None else _cache_arg(cache, "resample_ablate(cache=...)"),
+        rows,
+        seed_value,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FunctionType
@@ -15,16 +16,17 @@ from torch import Tensor
 from typing_extensions import TypeAlias
 
 from .._capture import Args, Capture
-from .._errors import SpecError
+from .._errors import EditError, SpecError
 from .._site import Site
 
 if TYPE_CHECKING:
     from ._restrict import At
 
 Index: TypeAlias = Union[int, slice, Sequence[Any], Tensor, None]
-"""What selects along one dimension: an int, a slice, a list of ints or bools, a tensor
-(long indices or a bool mask), or ``None`` for everything. `at` also takes a tuple: an index
-expression over several dimensions, as in ``x[index]``."""
+"""What selects along one dimension: an int, a slice, a list of ints (positions) or of bools
+(a mask), a 1-D tensor (integer positions or a bool mask), or ``None`` for everything. `at`
+also takes a tuple (an index expression over several dimensions, as in ``x[index]``) and a
+bool tensor of 2 or more dims (a token mask). docs/edits.md lists each form's one meaning."""
 
 Cache: TypeAlias = Mapping[str, Capture]
 """The ``{layer: Capture}`` dict that `run_with_hooks` returns."""
@@ -33,9 +35,10 @@ Cache: TypeAlias = Mapping[str, Capture]
 class Edit:
     """Base class of all edits.
 
-    Subclasses are frozen dataclasses that implement `__call__(x, site)`. Equality and repr
-    come from the dataclass (or are written out), so a spec that holds edits can be printed
-    and compared.
+    Subclasses are frozen dataclasses that implement `__call__(x, site)`, which returns ``x``
+    itself (meaning "unchanged") or a new tensor that shares no memory with anything else.
+    Equality and repr come from the dataclass (or are written out), so a spec that holds
+    edits can be printed and compared.
     """
 
     __slots__ = ()
@@ -49,12 +52,12 @@ class Edit:
     def __rrshift__(self, other: EditLike) -> Chain:
         return chain(other, self)
 
-    def at(self, index: Index | tuple[Any, ...], *, dim: int = 1) -> At:
+    def at(self, index: Index | tuple[Any, ...], *, dim: int | None = None) -> At:
         """This edit, restricted to ``x[index]``; the same as ``at(index, self, dim=dim)``.
 
         Examples:
             >>> from hookfn import add
-        >>> add(1.0).at([0, 2])
+            >>> add(1.0).at([0, 2])
             at([0, 2], add(1.0))
         """
         from ._restrict import at
@@ -66,32 +69,101 @@ EditLike: TypeAlias = Union[Edit, Callable[..., Any]]
 """An `Edit`, or a plain callable ``f(x)`` or ``f(x, site)`` returning a tensor or ``None``."""
 
 
+def _fresh_refcount() -> int:
+    # The reference count of a result nothing else holds, seen the way `Function.__call__`
+    # sees its result (a local variable passed to sys.getrefcount).
+    y = torch.empty(0)
+    return sys.getrefcount(y)
+
+
+_FRESH = _fresh_refcount()
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Function(Edit):
     """A plain callable adapted to the edit protocol (`as_edit` builds it).
 
-    ``takes_site`` is decided once, from the callable's signature: a callable with one
-    positional parameter is called as ``fn(x)``, one with two as ``fn(x, site)``. A ``None``
-    result means "unchanged". A `Function` pickles when its callable does: a function
-    defined at module level does, a ``lambda`` or a nested function does not.
+    How it is called is decided once, from the callable's signature: as ``fn(x, site)`` when
+    its second positional parameter is required or is named ``site`` or ``layer``, otherwise
+    as ``fn(x)`` (``def f(h, negate=False)`` is called ``f(h)``). A callable whose signature
+    cannot be read (a builtin such as ``torch.roll``) is called as ``fn(x)``; a `TypeError`
+    from that call becomes an `EditError` that says so.
+
+    A ``None`` result, or ``x`` itself, means "unchanged". A result that aliases memory
+    something else owns is copied before it goes into the model (which may write into it in
+    place): a view (``x[..., :4]``, ``v.expand_as(x)``), a tensor that shares ``x``'s memory
+    (``x.detach()``), a leaf that requires grad (a `Parameter`), or a tensor that something
+    else still references (a global, a cache). A callable that changes ``x`` in place is an
+    `EditError`. A `Function` pickles when its callable does: a function defined at module
+    level does, a ``lambda`` or a nested function does not.
     """
 
     fn: Callable[..., Any]
     takes_site: bool
+    signature_known: bool = True
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        y = self.fn(x, site) if self.takes_site else self.fn(x)
-        return x if y is None else y
+        try:
+            version = x._version
+        except RuntimeError:  # an inference tensor keeps no version counter
+            version = -1
+        if self.takes_site:
+            y = self.fn(x, site)
+        elif self.signature_known:
+            y = self.fn(x)
+        else:
+            y = self._call_unread(x)
+        if version >= 0 and x._version != version:
+            raise EditError(
+                f"{self!r} changed its input in place; an edit returns a new tensor and never "
+                "writes into x: use out-of-place ops (x * 0, not x.mul_(0); "
+                "x.clone() first if you must write)."
+            )
+        if y is None or y is x:
+            return x
+        if isinstance(y, Tensor) and (
+            sys.getrefcount(y) > _FRESH
+            or y._base is not None
+            or (y.requires_grad and y.is_leaf)
+            or _same_memory(y, x)
+        ):
+            return y.clone()
+        return y  # type: ignore[no-any-return]
+
+    def _call_unread(self, x: Tensor) -> Any:
+        try:
+            return self.fn(x)
+        except TypeError as error:
+            name = _name_of(self.fn)
+            raise EditError(
+                f"{name} has no signature hookfn can read, so it is called as f(x), which "
+                f"raised TypeError: {error}. Pass the other arguments yourself, e.g. "
+                f"lambda x: {name}(x, ...)."
+            ) from error
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Function) and other.fn is self.fn
+        if not isinstance(other, Function):
+            return NotImplemented
+        return other.fn is self.fn
 
     def __hash__(self) -> int:
         return hash(self.fn)
 
     def __repr__(self) -> str:
-        name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
-        return f"Function({name})"
+        return f"Function({_name_of(self.fn)})"
+
+
+def _name_of(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _same_memory(y: Tensor, x: Tensor) -> bool:
+    """Whether ``y`` starts at ``x``'s memory (``x.detach()``, ``x.data``), where that can be
+    read (a tensor wrapped by torch.func has no storage of its own)."""
+    try:
+        return y.data_ptr() == x.data_ptr() and x.numel() > 0
+    except RuntimeError:
+        return False
 
 
 # A parameter as the checks below need it: (kind, name, required), kind one of "positional"
@@ -135,33 +207,44 @@ def _parameters(fn: Callable[..., Any]) -> list[_Parameter] | None:
     ]
 
 
-def _positional_arity(parameters: list[_Parameter] | None) -> int | None:
-    if parameters is None:
-        return None
-    count = 0
-    for kind, _, _ in parameters:
-        if kind == "var":
-            return 2
-        if kind == "positional":
-            count += 1
-    return count
+_SITE_NAMES = frozenset({"site", "layer"})
+
+
+def _takes_site(parameters: list[_Parameter]) -> bool | None:
+    """Whether a callable with these parameters is called as ``f(x, site)`` (True) or
+    ``f(x)`` (False); None when it takes no positional argument at all."""
+    positional = [(name, required) for kind, name, required in parameters if kind == "positional"]
+    if not positional:
+        return False if any(kind == "var" for kind, _, _ in parameters) else None
+    if len(positional) < 2:
+        return False
+    name, required = positional[1]
+    return required or name in _SITE_NAMES
 
 
 def as_edit(fn: EditLike, *, where: str = "edit") -> Edit:
     """Adapt an edit-like value to an `Edit`, once, at plan time.
+
+    A callable is called as ``f(x, site)`` when its second positional parameter is required
+    or named ``site`` / ``layer``, and as ``f(x)`` otherwise (see `Function`).
 
     Args:
         fn: An `Edit`, or a callable ``f(x)`` / ``f(x, site)``.
         where: Where the value came from, for the error message.
 
     Raises:
-        SpecError: ``fn`` is not callable, or takes no positional argument.
+        SpecError: ``fn`` is not callable, takes no positional argument, or needs arguments
+            that an edit call does not pass.
 
     Examples:
         >>> import torch
         >>> edit = as_edit(lambda x: x * 2)
         >>> edit(torch.ones(2), Site("fc", call=0, kind="output", module=torch.nn.Identity()))
         tensor([2., 2.])
+        >>> def shift(h, by=1.0):  # an optional second parameter: called as shift(h)
+        ...     return h + by
+        >>> as_edit(shift).takes_site
+        False
     """
     if isinstance(fn, Edit):
         return fn
@@ -171,13 +254,14 @@ def as_edit(fn: EditLike, *, where: str = "edit") -> Edit:
             f"f(x) / f(x, site)), got {type(fn).__name__}."
         )
     parameters = _parameters(fn)
-    arity = _positional_arity(parameters)
-    if arity == 0:
+    if parameters is None:
+        return Function(fn, takes_site=False, signature_known=False)
+    takes_site = _takes_site(parameters)
+    if takes_site is None:
         raise SpecError(
             f"{where}: the callable {fn!r} takes no positional argument; an edit is called "
             "as f(x) or f(x, site)."
         )
-    takes_site = arity is not None and arity >= 2
     unfilled = _unfilled_parameters(parameters, 2 if takes_site else 1)
     if unfilled:
         raise SpecError(
@@ -188,11 +272,11 @@ def as_edit(fn: EditLike, *, where: str = "edit") -> Edit:
     return Function(fn, takes_site=takes_site)
 
 
-def _unfilled_parameters(parameters: list[_Parameter] | None, passed: int) -> list[str]:
+def _unfilled_parameters(parameters: list[_Parameter], passed: int) -> list[str]:
     """Required parameters that a call with ``passed`` positional arguments misses."""
     missing = []
     position = 0
-    for kind, name, required in parameters or ():
+    for kind, name, required in parameters:
         if kind == "positional":
             position += 1
             if position > passed and required:
@@ -202,9 +286,13 @@ def _unfilled_parameters(parameters: list[_Parameter] | None, passed: int) -> li
     return missing
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Chain(Edit):
-    """Edits applied left to right: ``Chain((a, b))(x) == b(a(x))``."""
+    """Edits applied left to right: ``Chain((a, b))(x) == b(a(x))``.
+
+    A chain of one edit equals that edit (with the same hash), and the empty chain is
+    `identity`: so ``identity() >> a == a`` and ``{a, chain(a)}`` has one element.
+    """
 
     edits: tuple[Edit, ...]
 
@@ -212,6 +300,18 @@ class Chain(Edit):
         for edit in self.edits:
             x = edit(x, site)
         return x
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Chain):
+            return self.edits == other.edits
+        if len(self.edits) == 1 and isinstance(other, Edit):
+            return self.edits[0] == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        if len(self.edits) == 1:
+            return hash(self.edits[0])
+        return hash(("chain", self.edits))
 
     def __repr__(self) -> str:
         return " >> ".join(repr(edit) for edit in self.edits) if self.edits else "identity()"
@@ -227,7 +327,7 @@ def chain(*edits: EditLike) -> Chain:
         >>> from hookfn import add
         >>> chain(add(1.0), add(2.0)) == add(1.0) >> add(2.0)
         True
-        >>> (add(1.0) >> identity()) == chain(add(1.0))
+        >>> identity() >> add(1.0) == add(1.0) == add(1.0) >> identity()
         True
     """
     flat: list[Edit] = []
@@ -243,11 +343,14 @@ def chain(*edits: EditLike) -> Chain:
 def identity() -> Chain:
     """The edit that changes nothing; neutral on both sides of ``>>``.
 
+    It returns ``x`` itself, which every consumer of an edit reads as "unchanged" (nothing is
+    copied).
+
     Examples:
         >>> import torch
         >>> x = torch.randn(3)
         >>> site = Site("fc", call=0, kind="output", module=torch.nn.Identity())
-        >>> torch.equal(identity()(x, site), x)
+        >>> identity()(x, site) is x
         True
     """
     return Chain(())
@@ -256,13 +359,33 @@ def identity() -> Chain:
 # -- values: equality, hashing and repr of edit arguments ---------------------------------
 
 
+def _tensors_equal(a: Tensor, b: Tensor) -> bool:
+    """Equal shape, dtype and values, NaN equal to NaN (so an edit equals its pickled copy)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if torch.equal(a, b):
+        return True
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    if not a.is_floating_point():
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _is_nan(value: object) -> bool:
+    return isinstance(value, (float, complex)) and value != value
+
+
 def _values_equal(a: object, b: object) -> bool:
     if a is b:
         return True
     if isinstance(a, Tensor) or isinstance(b, Tensor):
-        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
-            return False
-        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu()))
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and _tensors_equal(a, b)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b  # True is not the index 1
+    if _is_nan(a) or _is_nan(b):
+        return _is_nan(a) and _is_nan(b) and type(a) is type(b)
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return len(a) == len(b) and all(k in b and _values_equal(a[k], b[k]) for k in a)
     if isinstance(a, Capture) and isinstance(b, Capture):
@@ -284,6 +407,10 @@ def _values_equal(a: object, b: object) -> bool:
 def _hash_key(value: object) -> object:
     if isinstance(value, Tensor):
         return ("tensor", tuple(value.shape), value.dtype)
+    if isinstance(value, bool):
+        return ("bool", value)
+    if _is_nan(value):
+        return ("nan", type(value).__name__)  # hash(nan) is its id: a pickled copy differs
     if isinstance(value, Mapping):
         return ("mapping", frozenset(value))
     if isinstance(value, (list, tuple)):
@@ -293,11 +420,21 @@ def _hash_key(value: object) -> object:
     return value
 
 
+def _tensor_repr(value: Tensor) -> str:
+    dtype = "" if value.dtype == torch.float32 else f", dtype={value.dtype}"
+    if value.dim() <= 1 and value.numel() == 1:
+        try:
+            number = f"{value.item():g}"
+        except RuntimeError:  # a tensor wrapped by torch.func: no value to show
+            pass
+        else:
+            return f"tensor({number}{dtype})" if value.dim() == 0 else f"tensor([{number}]{dtype})"
+    return f"tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+
+
 def _short_repr(value: object) -> str:
     if isinstance(value, Tensor):
-        if value.numel() == 1:
-            return f"tensor({value.item():g})"
-        return f"tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+        return _tensor_repr(value)
     if isinstance(value, Mapping):
         names = list(value)
         shown = ", ".join(repr(n) for n in names[:2])
@@ -327,13 +464,14 @@ def _call_repr(name: str, args: Sequence[object], kwargs: Mapping[str, object] =
 
 
 class _Value(Edit):
-    """Field-wise equality (tensors and caches by value) and a matching hash."""
+    """Field-wise equality (tensors and caches by value, NaN equal to NaN, ``True`` unequal
+    to ``1``) and a matching hash."""
 
     __slots__ = ()
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
-            return False
+            return NotImplemented  # a one-edit Chain compares itself
         return all(
             _values_equal(getattr(self, f.name), getattr(other, f.name))
             for f in dataclasses.fields(self)  # type: ignore[arg-type]
@@ -342,9 +480,3 @@ class _Value(Edit):
     def __hash__(self) -> int:
         keys = tuple(_hash_key(getattr(self, f.name)) for f in dataclasses.fields(self))  # type: ignore[arg-type]
         return hash((type(self).__name__, keys))
-
-
-def _frozen(value: Any) -> Any:
-    """A private copy of a list argument, so that changing the caller's list later does not
-    change the edit."""
-    return list(value) if isinstance(value, list) else value

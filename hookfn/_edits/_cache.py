@@ -4,26 +4,25 @@ share."""
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
-from .._capture import Capture, primary
-from .._errors import EditError, SpecError
+from .._capture import primary
+from .._errors import EditError
 from .._site import Site
-from ._base import Cache, Edit, _call_repr, _Value
-from ._checks import _kind, _where
+from ._arguments import _cache_arg
+from ._base import Cache, _call_repr, _Value
+from ._checks import _like
 from ._parts import _through_views, _whole_shape
 
-# -- patching from a cache -------------------------------------------------------------------
 
-
-def _cached(cache: Cache, site: Site, edit: Edit) -> Tensor:
-    """The tensor recorded at ``site`` (same layer, call and kind) in ``cache``."""
+def _cached(cache: Cache, site: Site) -> Tensor:
+    """The tensor recorded at ``site`` (same layer, call and kind) in ``cache``; the
+    message of a missing one names the layer, since that is what is missing."""
     name = str.__str__(site)
-    kind = _kind(site)
+    kind = str(getattr(site, "kind", "output"))
     call = int(getattr(site, "call", 0))
     capture = cache.get(name)
     if capture is None:
@@ -31,14 +30,9 @@ def _cached(cache: Cache, site: Site, edit: Edit) -> Tensor:
         close = difflib.get_close_matches(name, names, n=3)
         hint = f" (closest: {', '.join(map(repr, close))})" if close else ""
         raise EditError(
-            f"{_where(edit, site)}: the cache has no layer {name!r}{hint}; it has "
+            f"the cache has no layer {name!r}{hint}; it has "
             f"{len(names)} layer(s): {names[:6]}. Capture {name!r} in the run that made the "
             f"cache, e.g. run_with_hooks(model, clean_inputs, [{name!r}, ...])."
-        )
-    if not isinstance(capture, Capture):
-        raise EditError(
-            f"{_where(edit, site)}: cache[{name!r}] is a {type(capture).__name__}; a cache is "
-            "the {layer: Capture} dict that run_with_hooks returns."
         )
     records: tuple[Any, ...]
     if kind == "output":
@@ -51,14 +45,14 @@ def _cached(cache: Cache, site: Site, edit: Edit) -> Tensor:
         records = capture.grad_inputs
     if call >= len(records):
         raise EditError(
-            f"{_where(edit, site)}: the cache recorded {len(records)} {kind}(s) of layer "
+            f"the cache recorded {len(records)} {kind}(s) of layer "
             f"{name!r}, but this is call {call}. Record the {kind} in the run that made the "
             f"cache ({_HOW[kind]}), with the same calls of the module as this run."
         )
     tensor = primary(records[call])
     if tensor is None:
         raise EditError(
-            f"{_where(edit, site)}: the cached {kind} of layer {name!r} (call {call}) has no "
+            f"the cached {kind} of layer {name!r} (call {call}) has no "
             f"tensor ({type(records[call]).__name__}); {_HOW[kind]}."
         )
     return tensor
@@ -79,21 +73,20 @@ class PatchFrom(_Value):
     cache: Cache
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        source = _cached(self.cache, site, self)
+        source = _cached(self.cache, site)
         whole = _whole_shape(site, x)
         if source.shape != whole:
             raise EditError(
-                f"{_where(self, site)}: the cached {_kind(site)} has shape "
-                f"{tuple(source.shape)}, but this run's has shape {tuple(whole)}; patch "
-                "from a run on inputs of the same shape (same batch size and sequence "
-                "length)."
+                f"the cached activation has shape {tuple(source.shape)}, but this run's has "
+                f"shape {tuple(whole)}; patch from a run on inputs of the same shape (same "
+                "batch size and sequence length)."
             )
         # The part the edit is given (inside `at`/`heads`), then a copy of it alone: the model
         # may change the patched tensor in place, never the cache.
         part = _through_views(site, source)
         if part.dtype is x.dtype and part.device == x.device:
             return part.clone()
-        return part.to(device=x.device, dtype=x.dtype)  # converted: a copy
+        return _like(part, x, "cached activation")  # converted: a copy
 
     def __repr__(self) -> str:
         return _call_repr("patch_from", (self.cache,))
@@ -109,9 +102,13 @@ def patch_from(cache: Cache) -> PatchFrom:
     ``patch_from(clean).at([3, 4])``, ``heads(patch_from(clean), n_heads=12, which=[5])``.
     Laws: patching a run from its own cache changes nothing; idempotent.
 
+    The dict is copied when the edit is built (the captures in it are immutable): putting
+    another capture into the caller's dict later does not change the edit.
+
     Raises:
+        SpecError: ``cache`` is not a ``{layer: Capture}`` dict.
         EditError: (when applied) the cache lacks the layer or the call, or the recorded
-            shape differs from the activation's; the message names the layer and shapes.
+            shape differs from the activation's, or it holds another kind of number.
 
     Examples:
         >>> import torch
@@ -123,9 +120,4 @@ def patch_from(cache: Cache) -> PatchFrom:
         >>> torch.allclose(out, clean_out)
         True
     """
-    if not isinstance(cache, Mapping):
-        raise SpecError(
-            f"patch_from(cache) takes the {{layer: Capture}} dict of an earlier run, got "
-            f"{type(cache).__name__}; use replace(tensor) to put in a tensor of your own."
-        )
-    return PatchFrom(cache)
+    return PatchFrom(_cache_arg(cache, "patch_from(cache)"))

@@ -1,36 +1,19 @@
-"""Checks and conversions shared by the edits: operands, dimensions, indices."""
+"""Checks and conversions an edit makes when it runs: operands against the activation's
+shape and dtype, dimensions, cached tensors.
+
+Messages say what is wrong and the fix, without the layer: the hook engine adds the edit,
+the layer, the kind and the call once, where it catches the error.
+"""
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._errors import EditError
-from .._site import Site
-from ._base import Edit, Index, _short_repr
-from ._parts import _write_out_of_place
-
-# -- shared checks ---------------------------------------------------------------------------
-
-
-def _where(edit: Edit, site: Site) -> str:
-    kind = getattr(site, "kind", "output")
-    call = getattr(site, "call", 0)
-    return f"{edit!r} at layer {str.__str__(site)!r} ({kind}, call {call})"
-
-
-def _kind(site: Site) -> str:
-    return str(getattr(site, "kind", "output"))
-
-
-def _to_like(value: Tensor | float, x: Tensor) -> Tensor | float:
-    if isinstance(value, Tensor) and (value.dtype is not x.dtype or value.device != x.device):
-        return value.to(device=x.device, dtype=x.dtype)
-    return value
+from ._arguments import Operand
 
 
 def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
@@ -46,108 +29,143 @@ def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
     return True
 
 
-def _check_broadcast(
-    value: Tensor | float | None, x: Tensor, edit: Edit, site: Site, what: str
-) -> None:
-    if isinstance(value, Tensor) and not (
-        value.shape == x.shape or _broadcasts(value.shape, x.shape)
-    ):
-        raise EditError(
-            f"{_where(edit, site)}: the {what} has shape {tuple(value.shape)}, which does not "
-            f"broadcast to the {_kind(site)} of shape {tuple(x.shape)}; pass a scalar or a "
-            f"tensor that broadcasts to {tuple(x.shape)} (e.g. shape {tuple(x.shape[-1:])})."
-        )
+def _broadcast_shape(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...] | None:
+    """The shape ``a`` and ``b`` broadcast to, or None where they do not."""
+    n = max(len(a), len(b))
+    a = (1,) * (n - len(a)) + tuple(a)
+    b = (1,) * (n - len(b)) + tuple(b)
+    shape = []
+    for i, j in zip(a, b, strict=True):
+        if i != j and i != 1 and j != 1:
+            return None
+        shape.append(j if i == 1 else i)
+    return tuple(shape)
 
 
-def _operand(value: Tensor | float, x: Tensor, edit: Edit, site: Site, what: str) -> Tensor | float:
-    """``value`` checked to broadcast to ``x`` and moved to its device and dtype: what an
-    elementwise edit combines with ``x`` (`_check_broadcast`, then `_to_like`, in one step)."""
-    if not isinstance(value, Tensor):
+def _broadcast_error(what: str, shape: Sequence[int], x: Tensor) -> EditError:
+    return EditError(
+        f"the {what} has shape {tuple(shape)}, which does not broadcast to the activation of "
+        f"shape {tuple(x.shape)}; pass a number or a tensor that broadcasts to "
+        f"{tuple(x.shape)} (e.g. shape {tuple(x.shape[-1:])})."
+    )
+
+
+def _operand(value: Operand, x: Tensor, what: str, *, on_bool: bool = False) -> Operand:
+    """``value`` checked to broadcast to ``x`` and converted to its device and dtype: what an
+    elementwise edit combines with ``x``.
+
+    The one rule for numbers and tensors alike: a value goes into the activation's dtype.
+    For a floating-point (or complex) activation that is a cast; for an integer or bool one
+    (token ids, masks) every value must convert exactly (``2.0`` is ``2``; ``0.5`` is an
+    `EditError`). Arithmetic on a bool activation is refused unless ``on_bool``.
+    """
+    if isinstance(value, Tensor):
+        if value.shape != x.shape and not _broadcasts(value.shape, x.shape):
+            raise _broadcast_error(what, value.shape, x)
+        if value.dtype is x.dtype and value.device == x.device:
+            return value
+        return _converted(value, x, what, on_bool)
+    if x.is_floating_point():
+        if type(value) is complex:
+            raise _complex_error(what, x)
         return value
-    if value.shape != x.shape and not _broadcasts(value.shape, x.shape):
-        _check_broadcast(value, x, edit, site, what)  # raises
-    if value.dtype is not x.dtype or value.device != x.device:
+    return _number_like(value, x, what, on_bool)
+
+
+def _complex_error(what: str, x: Tensor) -> EditError:
+    return EditError(
+        f"the {what} is complex, but the activation is {x.dtype}; pass a real value (a "
+        "complex one would drop its imaginary part)."
+    )
+
+
+def _bool_error(what: str) -> EditError:
+    return EditError(
+        f"arithmetic with a {what} on a bool activation (a mask) would be logic (True + True "
+        "is True); use replace(), or a function such as lambda x: x | m."
+    )
+
+
+def _inexact_error(what: str, x: Tensor, shown: str) -> EditError:
+    return EditError(
+        f"the {what} ({shown}) has values that {x.dtype} cannot hold exactly, and the "
+        f"activation is {x.dtype} (token ids?); an integer activation takes whole numbers in "
+        "its range (2.0 is 2): pass those, or edit a floating-point activation."
+    )
+
+
+def _converted(value: Tensor, x: Tensor, what: str, on_bool: bool) -> Tensor:
+    if value.is_complex() and not x.is_complex():
+        raise _complex_error(what, x)
+    if x.is_floating_point() or x.is_complex():
         return value.to(device=x.device, dtype=x.dtype)
-    return value
+    if x.dtype is torch.bool and not on_bool:
+        raise _bool_error(what)
+    converted = value.to(device=x.device, dtype=x.dtype)
+    # Exact when converting back gives the same values (NaN, 0.5, an overflow do not).
+    if not torch.equal(converted.to(value.dtype), value.to(x.device)):
+        raise _inexact_error(what, x, f"a {value.dtype} tensor")
+    return converted
 
 
-def _check_last_dim(vector: Tensor, x: Tensor, edit: Edit, site: Site, what: str) -> None:
-    if vector.dim() == 0 or vector.shape[-1] != x.shape[-1] or x.dim() == 0:
+def _number_like(value: Operand, x: Tensor, what: str, on_bool: bool) -> Operand:
+    """A number for a complex, integer or bool activation (see `_operand`)."""
+    if x.is_complex():
+        return value
+    if isinstance(value, complex):
+        raise _complex_error(what, x)
+    if x.dtype is torch.bool:
+        if not on_bool:
+            raise _bool_error(what)
+        low, high = 0, 1
+    else:
+        info = torch.iinfo(x.dtype)
+        low, high = info.min, info.max
+    if isinstance(value, float) and not value.is_integer():  # NaN, inf, 0.5
+        raise _inexact_error(what, x, repr(value))
+    if not low <= value <= high:  # type: ignore[operator]
+        raise _inexact_error(what, x, repr(value))
+    return int(value)  # type: ignore[arg-type]
+
+
+def _needs_float(x: Tensor, name: str, fix: str) -> None:
+    if not x.is_floating_point():
         raise EditError(
-            f"{_where(edit, site)}: the {what} has shape {tuple(vector.shape)}, but the "
-            f"{_kind(site)} has shape {tuple(x.shape)}; it acts on the last dimension, so it "
-            f"needs {x.shape[-1] if x.dim() else 'a'} entries there (shape "
-            f"{tuple(x.shape[-1:])})."
+            f"{name} needs a floating-point activation, but this one is {x.dtype}; {fix}."
         )
-    _check_broadcast(vector, x, edit, site, what)
 
 
-def _dim_size(x: Tensor, dim: int, edit: Edit, site: Site) -> int:
+def _like(tensor: Tensor, x: Tensor, what: str) -> Tensor:
+    """A tensor read from a cache, on ``x``'s device and in its dtype (a copy when either
+    changes). Another kind of number (a float cache for integer ids) is an `EditError`."""
+    if tensor.dtype is x.dtype:
+        return tensor if tensor.device == x.device else tensor.to(x.device)
+    same_kind = (tensor.is_floating_point() and x.is_floating_point()) or (
+        tensor.is_complex() and x.is_complex()
+    )
+    if not same_kind:
+        raise EditError(
+            f"the {what} is {tensor.dtype}, but the activation is {x.dtype}; read a cache "
+            "recorded at an activation of the same kind of number."
+        )
+    return tensor.to(device=x.device, dtype=x.dtype)
+
+
+def _check_last_dim(vector: Tensor, x: Tensor, what: str) -> None:
+    if x.dim() == 0 or vector.shape[-1] != x.shape[-1]:
+        raise EditError(
+            f"the {what} has shape {tuple(vector.shape)}, but the activation has shape "
+            f"{tuple(x.shape)}; it acts on the last dimension, so it needs "
+            f"{x.shape[-1] if x.dim() else 'a'} entries there (shape {tuple(x.shape[-1:])})."
+        )
+    if not _broadcasts(vector.shape, x.shape):
+        raise _broadcast_error(what, vector.shape, x)
+
+
+def _dim_size(x: Tensor, dim: int) -> int:
     if not -x.dim() <= dim < x.dim():
         raise EditError(
-            f"{_where(edit, site)}: dim={dim} is out of range for the {_kind(site)} of shape "
-            f"{tuple(x.shape)} ({x.dim()} dimensions); pass a dim in [{-x.dim()}, {x.dim() - 1}]."
+            f"dim={dim} is out of range for the activation of shape {tuple(x.shape)} "
+            f"({x.dim()} dimensions); pass a dim in [{-x.dim()}, {x.dim() - 1}]."
         )
     return int(x.shape[dim])
-
-
-def _selector(x: Tensor, idx: Index, dim: int, edit: Edit, site: Site) -> int | slice | Tensor:
-    """``idx`` as an index along ``dim`` of ``x``, checked on the CPU.
-
-    Lists, bool masks and tensors become a long tensor of positions on ``x``'s device:
-    checking them on the CPU turns a bad index into an `EditError` (on a GPU it would be a
-    device-side assert).
-    """
-    size = _dim_size(x, dim, edit, site)
-    try:
-        if isinstance(idx, slice):
-            return idx
-        if isinstance(idx, int):
-            if not -size <= idx < size:
-                raise IndexError(f"index {idx} is out of range")
-            return idx
-        if isinstance(idx, (list, tuple)):
-            # A tuple lists indices along the one dim, as a list does (not an expression).
-            if idx and all(isinstance(i, bool) for i in idx):
-                if len(idx) != size:
-                    raise IndexError(f"the bool mask has length {len(idx)}")
-                positions = [i for i, keep in enumerate(idx) if keep]
-            else:
-                positions = [operator.index(i) for i in idx]
-                if not all(-size <= i < size for i in positions):
-                    raise IndexError(f"an index of {list(positions)} is out of range")
-            return torch.tensor(positions, dtype=torch.long, device=x.device)
-        mask = torch.zeros(size, dtype=torch.bool)
-        mask[idx.cpu() if isinstance(idx, Tensor) else idx] = True
-    except (IndexError, RuntimeError, TypeError) as error:
-        raise EditError(
-            f"{_where(edit, site)}: the index {_short_repr(idx)} does not fit dimension {dim} "
-            f"of the {_kind(site)} of shape {tuple(x.shape)} (size {size}): {error}. Pass "
-            f"indices in [{-size}, {size - 1}] or a bool mask of length {size}."
-        ) from None
-    return mask.nonzero().squeeze(1).to(x.device)
-
-
-def _along(selector: Any, dim: int) -> tuple[Any, ...]:
-    if dim >= 0:
-        return (*(slice(None),) * dim, selector)
-    return (Ellipsis, selector, *(slice(None),) * (-dim - 1))
-
-
-def _replace_features(
-    x: Tensor, values: Tensor | float, idx: Index, dim: int, edit: Edit, site: Site
-) -> Tensor:
-    """``x`` with the entries that ``idx`` selects along ``dim`` taken from ``values``."""
-    if idx is None:
-        if isinstance(values, Tensor):
-            return values.expand(x.shape).clone()
-        return torch.full_like(x, values)
-    index = _along(_selector(x, idx, dim, edit, site), dim)
-    new = values.expand(x.shape)[index] if isinstance(values, Tensor) else values
-    y = x.clone()
-    try:
-        y[index] = new
-    except RuntimeError:
-        # Under vmap, batched values cannot be written into an unbatched copy in place.
-        return _write_out_of_place(x, index, new)
-    return y

@@ -1,4 +1,9 @@
-"""Elementwise edits: `add`, `scale`, `replace`, `clamp`."""
+"""Elementwise edits: `add`, `scale`, `replace`, `clamp`.
+
+Operands follow one rule (`_operand`): they go into the activation's dtype, exactly for an
+integer activation. A tensor operand is held as it is, not copied: an edit built from a
+tensor that is later changed in place (a steering vector trained by an optimizer) follows it.
+"""
 
 from __future__ import annotations
 
@@ -7,71 +12,99 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._errors import SpecError
+from .._errors import EditError, SpecError
 from .._site import Site
+from ._arguments import Operand, _concrete, _operand_arg, _real_arg
 from ._base import _call_repr, _short_repr, _Value
-from ._checks import _operand
-
-# -- elementwise edits -----------------------------------------------------------------------
+from ._checks import _broadcast_shape, _operand
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Add(_Value):
     """``x + value`` (see `add`)."""
 
-    value: Tensor | float
+    value: Operand
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        return x + _operand(self.value, x, self, site, "value")
+        return x + _operand(self.value, x, "value")
 
     def __repr__(self) -> str:
         return f"add({_short_repr(self.value)})"
 
 
 def add(value: Tensor | float) -> Add:
-    """Add a scalar or a tensor (broadcast) to the activation.
+    """Add a number or a tensor (broadcast) to the activation.
 
-    A tensor is moved to the activation's device and dtype. Laws:
+    A tensor is moved to the activation's device and dtype. On an integer activation (token
+    ids edited with ``Hook(edit_input=...)``) the value must be a whole number, as a number
+    or in a tensor (``add(2.0)`` adds 2; ``add(0.5)`` is an `EditError`). Laws:
     ``add(a) >> add(b)`` equals ``add(a + b)`` numerically; ``add(0.0)`` is the identity.
 
     Args:
-        value: A number, or a tensor that broadcasts against the activation.
+        value: A number, or a tensor that broadcasts against the activation (not a list:
+            pass ``torch.tensor([...])``).
 
     Raises:
-        EditError: (when applied) the tensor does not broadcast to the activation.
+        SpecError: ``value`` is not a number or a tensor (or is a bool tensor).
+        EditError: (when applied) the tensor does not broadcast to the activation, or an
+            integer activation cannot hold the value exactly.
 
     Examples:
         >>> import torch
         >>> site = Site("fc", call=0, kind="output", module=torch.nn.Identity())
         >>> add(1.0)(torch.zeros(2), site)
         tensor([1., 1.])
+        >>> add(torch.tensor(2.0))(torch.tensor([3, 4]), site)  # token ids stay integers
+        tensor([5, 6])
     """
-    return Add(value)
+    return Add(_operand_arg(value, "add(value)"))
+
+
+def _zero_of(x: Tensor) -> Tensor:
+    """``x * 0`` with the NaN that ``inf * 0`` and ``nan * 0`` give made 0: zero
+    everywhere, with a gradient path (of zeros) back to ``x``."""
+    zero = x * 0
+    if x.is_floating_point() or x.is_complex():
+        return torch.nan_to_num(zero, nan=0.0)
+    return zero
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Scale(_Value):
     """``x * factor`` (see `scale`)."""
 
-    factor: Tensor | float
+    factor: Operand
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        return x * _operand(self.factor, x, self, site, "factor")
+        factor = self.factor
+        if not isinstance(factor, Tensor) and factor == 0:
+            if x.dtype is torch.bool:
+                _operand(factor, x, "factor")  # raises
+            return _zero_of(x)
+        return x * _operand(factor, x, "factor")
 
     def __repr__(self) -> str:
         return f"scale({_short_repr(self.factor)})"
 
 
 def scale(factor: Tensor | float) -> Scale:
-    """Multiply the activation by a scalar or a tensor (broadcast).
+    """Multiply the activation by a number or a tensor (broadcast).
 
-    A tensor is moved to the activation's device and dtype. Laws:
-    ``scale(a) >> scale(b)`` equals ``scale(a * b)`` numerically; ``scale(1.0)`` is the
-    identity; ``scale(0.0)`` zeroes everything (keeping the gradient path at zero).
+    A tensor is moved to the activation's device and dtype (on an integer activation, the
+    factor must be whole, as in `add`). Laws: ``scale(a) >> scale(b)`` equals
+    ``scale(a * b)`` numerically; ``scale(1.0)`` is the identity; ``scale(0.0)`` (the
+    number) zeroes everything, entries that are inf or NaN included, keeping a gradient path
+    of zeros. A tensor factor multiplies as torch does, ``x * factor``, so that the gradient
+    with respect to the factor stays ``x``: where it holds a 0, an inf or NaN entry gives
+    NaN (use `ablate` to zero entries whatever they hold).
 
     Args:
         factor: A number, or a tensor that broadcasts against the activation (e.g. one
             factor per feature, shape ``[d]``).
+
+    Raises:
+        SpecError: ``factor`` is not a number or a tensor (or is a bool tensor).
+        EditError: (when applied) as for `add`.
 
     Examples:
         >>> import torch
@@ -79,18 +112,20 @@ def scale(factor: Tensor | float) -> Scale:
         >>> scale(torch.tensor([1.0, 0.0, 2.0]))(torch.ones(2, 3), site)
         tensor([[1., 0., 2.],
                 [1., 0., 2.]])
+        >>> scale(0.0)(torch.tensor([1.0, float("inf"), float("nan")]), site)
+        tensor([0., 0., 0.])
     """
-    return Scale(factor)
+    return Scale(_operand_arg(factor, "scale(factor)"))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Replace(_Value):
     """A new tensor of the activation's shape filled from ``value`` (see `replace`)."""
 
-    value: Tensor | float
+    value: Operand
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        value = _operand(self.value, x, self, site, "value")
+        value = _operand(self.value, x, "value", on_bool=True)
         if isinstance(value, Tensor):
             return value.expand(x.shape).clone()
         return torch.full_like(x, value)
@@ -104,11 +139,16 @@ def replace(value: Tensor | float) -> Replace:
 
     The result is a fresh tensor (never ``value`` itself, so the model cannot change
     ``value`` in place); it does not depend on ``x``, so no gradient flows back through it.
-    Laws: ``a >> replace(v)`` equals ``replace(v)`` for any edit ``a`` (that keeps the
-    shape); ``replace(v)`` is idempotent.
+    On an integer or bool activation the value must convert exactly. Laws:
+    ``a >> replace(v)`` equals ``replace(v)`` for any edit ``a`` (that keeps the shape);
+    ``replace(v)`` is idempotent.
 
     Args:
-        value: A number, or a tensor that broadcasts to the activation's shape.
+        value: A number, or a tensor that broadcasts to the activation's shape. NaN is
+            taken as it is (replacing by NaN shows what depends on an activation).
+
+    Raises:
+        SpecError: ``value`` is not a number or a tensor (or is a bool tensor).
 
     Examples:
         >>> import torch
@@ -117,7 +157,7 @@ def replace(value: Tensor | float) -> Replace:
         tensor([[1., 2.],
                 [1., 2.]])
     """
-    return Replace(value)
+    return Replace(_operand_arg(value, "replace(value)"))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -128,11 +168,14 @@ class Clamp(_Value):
     hi: Tensor | float | None
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
+        if x.is_complex():
+            raise EditError(f"clamp needs a real activation, but this one is {x.dtype}.")
+        y = x
         if self.lo is not None:
-            x = torch.clamp_min(x, _operand(self.lo, x, self, site, "lower bound"))
+            y = torch.clamp_min(y, _operand(self.lo, x, "lower bound"))
         if self.hi is not None:
-            x = torch.clamp_max(x, _operand(self.hi, x, self, site, "upper bound"))
-        return x
+            y = torch.clamp_max(y, _operand(self.hi, x, "upper bound"))
+        return y
 
     def __repr__(self) -> str:
         if self.lo is not None and self.hi is not None:
@@ -145,11 +188,16 @@ class Clamp(_Value):
 def clamp(lo: Tensor | float | None = None, hi: Tensor | float | None = None) -> Clamp:
     """Clamp the activation to ``[lo, hi]``; either bound may be left out.
 
-    Bounds are numbers or tensors that broadcast against the activation (e.g. per-feature
-    bounds, shape ``[d]``). Laws: ``clamp(lo, hi)`` is idempotent.
+    Bounds are real numbers or tensors that broadcast against the activation (e.g.
+    per-feature bounds, shape ``[d]``); ``±inf`` leaves that side open. A NaN entry of the
+    activation stays NaN. Laws: ``clamp(lo, hi)`` is idempotent.
 
     Raises:
-        SpecError: Both bounds are missing, or ``lo > hi`` (numbers).
+        SpecError: Both bounds are missing, a bound is NaN (it would make every entry NaN)
+            or not a real number or tensor, or ``lo > hi`` somewhere (numbers or tensors),
+            or tensor bounds do not broadcast against each other.
+        EditError: (when applied) a bound does not broadcast to the activation, or does
+            not fit an integer activation exactly.
 
     Examples:
         >>> import torch
@@ -159,12 +207,31 @@ def clamp(lo: Tensor | float | None = None, hi: Tensor | float | None = None) ->
     """
     if lo is None and hi is None:
         raise SpecError("clamp() needs a lower bound, an upper bound or both: clamp(lo, hi).")
-    if (
-        lo is not None
-        and hi is not None
-        and not isinstance(lo, Tensor)
-        and not isinstance(hi, Tensor)
-        and lo > hi
-    ):
-        raise SpecError(f"clamp({lo!r}, {hi!r}): the lower bound is above the upper bound.")
-    return Clamp(lo, hi)
+    low = None if lo is None else _real_arg(lo, "clamp(lo=...)")
+    high = None if hi is None else _real_arg(hi, "clamp(hi=...)")
+    if low is not None and high is not None:
+        _check_order(low, high)
+    return Clamp(low, high)
+
+
+def _check_order(lo: Tensor | float, hi: Tensor | float) -> None:
+    if not isinstance(lo, Tensor) and not isinstance(hi, Tensor):
+        if lo > hi:
+            raise SpecError(f"clamp({lo!r}, {hi!r}): the lower bound is above the upper bound.")
+        return
+    shapes = [tuple(b.shape) for b in (lo, hi) if isinstance(b, Tensor)]
+    if len(shapes) == 2 and _broadcast_shape(*shapes) is None:
+        raise SpecError(
+            f"clamp(lo, hi): the bounds have shapes {shapes[0]} and {shapes[1]}, which do not "
+            "broadcast against each other."
+        )
+    if not all(_concrete(b) for b in (lo, hi) if isinstance(b, Tensor)):
+        return  # values not readable under a torch.func transform
+    low = lo if isinstance(lo, Tensor) else torch.tensor(lo)
+    high = hi if isinstance(hi, Tensor) else torch.tensor(hi)
+    above = low.detach().cpu() > high.detach().cpu()
+    if bool(above.any()):
+        raise SpecError(
+            "clamp(lo, hi): the lower bound is above the upper bound at "
+            f"{int(above.sum())} entr{'y' if int(above.sum()) == 1 else 'ies'}."
+        )

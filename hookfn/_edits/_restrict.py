@@ -12,11 +12,12 @@ from torch import Tensor
 
 from .._errors import EditError, SpecError
 from .._site import Site
-from ._base import Edit, EditLike, Index, _frozen, _short_repr, _Value, as_edit
-from ._checks import _along, _dim_size, _kind, _where
+from ._arguments import _int_like, _is_bool, _is_integer_dtype
+from ._base import Edit, EditLike, Index, _short_repr, _Value, as_edit
+from ._checks import _dim_size
+from ._index import _along, _index_at, _selector
 from ._parts import _part_site, _write
-
-# -- restricting an edit to part of the tensor -----------------------------------------------
+from ._result import check_result
 
 
 def _on_device(index: Any, device: torch.device) -> Any:
@@ -27,25 +28,26 @@ def _on_device(index: Any, device: torch.device) -> Any:
     return index
 
 
-def _full_index(
-    index: Index | tuple[Any, ...], dim: int, x: Tensor, edit: Edit, site: Site
-) -> tuple[Any, ...]:
-    """The index expression ``at`` applies: see `at` for the rule."""
-    if isinstance(index, tuple):
-        return index
-    if isinstance(index, Tensor) and index.dtype == torch.bool and index.dim() >= 2:
-        return (index,)  # a token mask over the leading dims
-    if isinstance(index, int) and not isinstance(index, bool):
-        size = _dim_size(x, dim, edit, site)
+def _positions(x: Tensor, index: Index, dim: int) -> tuple[Any, ...]:
+    """The index expression of a one-dimension `at` index (see `at` for the rule)."""
+    if isinstance(index, int):
+        size = _dim_size(x, dim)
         if not -size <= index < size:
             raise EditError(
-                f"{_where(edit, site)}: index {index} is out of range for dimension {dim} of "
-                f"the {_kind(site)} of shape {tuple(x.shape)}; pass an index in "
-                f"[{-size}, {size - 1}]."
+                f"index {index} is out of range for dimension {dim} of the activation of "
+                f"shape {tuple(x.shape)}; pass an index in [{-size}, {size - 1}]."
             )
         # Keep the dimension, so the inner edit sees the same rank; a slice is a view.
-        index = slice(index, index + 1 if index != -1 else None)
-    return _along(index, dim)
+        return _along(slice(index, index + 1 if index != -1 else None), dim)
+    selector = _selector(x, index, dim)
+    if isinstance(index, list) and index and type(index[0]) is not bool:
+        size = x.shape[dim]
+        if len({i % size for i in index}) != len(index):
+            raise EditError(
+                f"the positions {index} name a position of dimension {dim} (size {size}) "
+                "twice; at() edits each selected entry once: pass distinct positions."
+            )
+    return _along(selector, dim)
 
 
 def _edit_part(
@@ -53,25 +55,32 @@ def _edit_part(
     index: tuple[Any, ...],
     edit: Edit,
     site: Site,
-    owner: Edit,
     whole: torch.Size,
     view: Callable[[Tensor], Tensor],
 ) -> Tensor:
+    """``x`` with ``edit`` applied to ``x[index]``: ``x`` itself when the part is unchanged,
+    else a new tensor."""
     try:
         part = x[index]
     except (IndexError, RuntimeError, TypeError) as error:
         raise EditError(
-            f"{_where(owner, site)}: the index {_short_repr(index)} does not fit the "
-            f"{_kind(site)} of shape {tuple(x.shape)}: {error}."
+            f"the index {_short_repr(index)} does not fit the activation of shape "
+            f"{tuple(x.shape)}: {error}."
         ) from None
     new = edit(part, _part_site(site, whole, view))
-    if not isinstance(new, Tensor) or new.shape != part.shape:
-        got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+    if new is part:
+        return x
+    new = _checked_part(part, new, edit, "a part")
+    return x if new is part else _write(x, index, new)
+
+
+def _checked_part(part: Tensor, new: object, edit: Edit, what: str) -> Tensor:
+    try:
+        return check_result(part, new)
+    except EditError as error:
         raise EditError(
-            f"{_where(owner, site)}: the inner edit {edit!r} was given the part of shape "
-            f"{tuple(part.shape)} and returned {got}; it must keep the shape."
-        )
-    return _write(x, index, new)
+            f"the inner edit {edit!r} was given {what} of shape {tuple(part.shape)}: {error}"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -80,48 +89,65 @@ class At(_Value):
 
     index: Index | tuple[Any, ...]
     edit: Edit
-    dim: int
+    dim: int | None
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        index = _full_index(self.index, self.dim, x, self, site)
-        if not isinstance(self.index, int):  # an int becomes slices: nothing to move
-            index = _on_device(index, x.device)
-        return _edit_part(x, index, self.edit, site, self, x.shape, lambda t: t[index])
+        index = self.index
+        full: tuple[Any, ...]
+        if index is None:
+            full = (Ellipsis,)
+        elif isinstance(index, tuple):
+            full = _on_device(index, x.device)
+        elif isinstance(index, Tensor) and index.dim() >= 2:
+            full = (index.to(x.device),)  # a token mask over the leading dims
+        else:
+            assert self.dim is not None
+            full = _positions(x, index, self.dim)
+        return _edit_part(x, full, self.edit, site, x.shape, lambda t: t[full])
 
     def __repr__(self) -> str:
-        kwargs = {} if self.dim == 1 else {"dim": self.dim}
-        index = _short_repr(self.index)
-        extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-        return f"at({index}, {self.edit!r}{extra})"
+        extra = "" if self.dim in (None, 1) else f", dim={self.dim!r}"
+        return f"at({_short_repr(self.index)}, {self.edit!r}{extra})"
 
 
-def at(index: Index | tuple[Any, ...], edit: EditLike, *, dim: int = 1) -> At:
+def at(index: Index | tuple[Any, ...], edit: EditLike, *, dim: int | None = None) -> At:
     """Apply ``edit`` to ``x[index]`` only; the rest of the activation is unchanged.
 
-    How ``index`` is read:
+    How ``index`` is read (each form has one meaning):
 
-    - an int, a list, a slice or a 1-D tensor selects along ``dim``: positions (dim 1 of a
-      ``[batch, seq, d]`` activation) by default. An int keeps its dimension
-      (``x[:, i:i+1]``), so the inner edit sees a tensor of the same rank;
-    - a bool tensor with 2 or more dims is a token mask over the leading dims
+    - ``None``: everything (the inner edit sees all of ``x``);
+    - an int (a numpy integer, a 0-d integer tensor): one position along ``dim``, keeping
+      its dimension (``x[:, i:i+1]``), so the inner edit sees a tensor of the same rank;
+    - a list or 1-D tensor of ints, a range, a slice: distinct positions along ``dim``;
+    - a list of bools or a 1-D bool tensor: a mask along ``dim``, of its length;
+    - a bool tensor with 2 or more dims: a token mask over the leading dims
       (``[batch, seq]``): the inner edit sees the selected tokens, ``[n_selected, d]``;
-    - a tuple is an index expression used as it is, ``x[index]``
-      (e.g. ``(slice(None), slice(0, 4), 7)``).
+    - a tuple: an index expression used as it is, ``x[index]`` (an int in it drops its
+      dimension, as in torch; ``None`` in it is refused).
 
-    The inner edit gets the part and returns a tensor of the same shape, written back into a
-    copy. An inner edit that reads a cache (`patch_from`, `mean_ablate`, `resample_ablate`)
-    reads the same part of the cached tensor. ``edit.at(index)`` is the same as
-    ``at(index, edit)``. Laws: ``at(i, a) >> at(i, b) == at(i, a >> b)`` numerically;
-    ``at(i, identity())`` is the identity.
+    ``dim`` (default 1: positions of a ``[batch, seq, d]`` activation) applies to the
+    one-dimension forms; giving it with a token mask or a tuple is a `SpecError`. Refused
+    too: ``True``/``False``, a uint8 tensor, an integer tensor of 2 or more dims (use a token
+    mask or an index expression), a slice with a negative step.
+
+    The inner edit gets the part and returns a tensor of the same shape, checked by
+    `check_result` (an int, bool or complex result for a float part is an `EditError`, a
+    float of another precision is cast), and written back into a copy; if it returns the
+    part unchanged, ``x`` itself is returned. An inner edit that reads a cache
+    (`patch_from`, `mean_ablate`, `resample_ablate`) reads the same part of the cached
+    tensor. ``edit.at(index)`` is the same as ``at(index, edit)``. Laws:
+    ``at(i, a) >> at(i, b) == at(i, a >> b)`` numerically; ``at(i, identity())`` is the
+    identity.
 
     Args:
         index: What to edit (see above).
         edit: The edit to apply there.
-        dim: The dimension a non-tuple ``index`` selects along.
+        dim: The dimension a one-dimension ``index`` selects along (1 when not given).
 
     Raises:
-        EditError: (when applied) the index does not fit, or the inner edit changed the
-            part's shape.
+        SpecError: ``index`` or ``dim`` is not one of the forms above.
+        EditError: (when applied) the index does not fit, names a position twice, or the
+            inner edit's result cannot stand in for the part.
 
     Examples:
         >>> import torch
@@ -137,7 +163,8 @@ def at(index: Index | tuple[Any, ...], edit: EditLike, *, dim: int = 1) -> At:
                  [0., 0.],
                  [1., 1.]]])
     """
-    return At(_frozen(index), as_edit(edit, where="at(index, edit)"), dim)
+    canonical, canonical_dim = _index_at(index, dim, "at(index, ...)")
+    return At(canonical, as_edit(edit, where="at(index, edit)"), canonical_dim)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -152,36 +179,30 @@ class Heads(_Value):
         n = self.n_heads
         if x.dim() == 0 or x.shape[-1] % n:
             raise EditError(
-                f"{_where(self, site)}: the {_kind(site)} has shape {tuple(x.shape)}, whose "
-                f"last dimension does not split into {n} heads; use heads() where the last "
-                "dim is the concatenation of the heads (e.g. the input of the attention "
-                "output projection), with the model's number of heads."
+                f"the activation has shape {tuple(x.shape)}, whose last dimension does not "
+                f"split into {n} heads; use heads() where the last dim is the concatenation "
+                "of the heads (e.g. the input of the attention output projection), with the "
+                "model's number of heads."
             )
-        if self.which is not None and not all(-n <= h < n for h in self.which):
-            raise EditError(
-                f"{_where(self, site)}: which={list(self.which)} names a head outside "
-                f"[0, {n - 1}] ({n} heads)."
-            )
-        split = einops.rearrange(x, "... (h d) -> ... h d", h=n)
-        part_site: Site
+        split = self._split(x)
         if self.which is None:
-            part_site = _part_site(site, x.shape, self._split)
-            new = self.edit(split, part_site)
-            if not isinstance(new, Tensor) or new.shape != split.shape:
-                got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
-                raise EditError(
-                    f"{_where(self, site)}: the inner edit {self.edit!r} was given heads of "
-                    f"shape {tuple(split.shape)} and returned {got}; it must keep the shape."
-                )
+            new = self.edit(split, _part_site(site, x.shape, self._split))
+            if new is split:
+                return x
+            new = _checked_part(split, new, self.edit, "heads")
+            if new is split:
+                return x
         else:
-            chosen = [h % n for h in self.which]
+            chosen = self.which
             # A run of consecutive heads is a slice: a view, cheaper than a gather.
-            consecutive = chosen == list(range(chosen[0], chosen[0] + len(chosen)))
-            selector = slice(chosen[0], chosen[0] + len(chosen)) if consecutive else chosen
+            consecutive = chosen == tuple(range(chosen[0], chosen[0] + len(chosen)))
+            selector = slice(chosen[0], chosen[0] + len(chosen)) if consecutive else list(chosen)
             index = (Ellipsis, selector, slice(None))
             new = _edit_part(
-                split, index, self.edit, site, self, x.shape, lambda t: self._split(t)[index]
+                split, index, self.edit, site, x.shape, lambda t: self._split(t)[index]
             )
+            if new is split:
+                return x
         return einops.rearrange(new, "... h d -> ... (h d)")
 
     def _split(self, t: Tensor) -> Tensor:
@@ -190,6 +211,43 @@ class Heads(_Value):
     def __repr__(self) -> str:
         which = "" if self.which is None else f", which={list(self.which)!r}"
         return f"heads({self.edit!r}, n_heads={self.n_heads}{which})"
+
+
+def _which_arg(which: object, n_heads: int) -> tuple[int, ...] | None:
+    """``which`` as distinct head indices in ``[0, n_heads)`` (negative ones counted from
+    the end), checked when the edit is built."""
+    if which is None:
+        return None
+    single = _int_like(which)
+    if single is not None:
+        items: list[object] = [single]
+    elif isinstance(which, Tensor) and which.dim() == 1 and _is_integer_dtype(which.dtype):
+        items = list(which.tolist())
+    elif isinstance(which, (list, tuple, range)):
+        items = list(which)
+    else:
+        raise SpecError(
+            f"heads(..., which=...) takes a head index or a list of them, got {which!r}."
+        )
+    if not items:
+        raise SpecError("heads(..., which=[]) names no head; pass which=None for every head.")
+    chosen: list[int] = []
+    for item in items:
+        head = None if _is_bool(item) else _int_like(item)
+        if head is None:
+            raise SpecError(f"heads(..., which=...): {item!r} is not a head index (an int).")
+        if not -n_heads <= head < n_heads:
+            raise SpecError(
+                f"heads(..., which={_short_repr(which)}) names head {head}, outside "
+                f"[0, {n_heads - 1}] ({n_heads} heads)."
+            )
+        if head % n_heads in chosen:
+            raise SpecError(
+                f"heads(..., which={_short_repr(which)}) names head {head % n_heads} twice "
+                f"({n_heads} heads); name each head once."
+            )
+        chosen.append(head % n_heads)
+    return tuple(chosen)
 
 
 def heads(edit: EditLike, *, n_heads: int, which: int | Sequence[int] | None = None) -> Heads:
@@ -202,16 +260,20 @@ def heads(edit: EditLike, *, n_heads: int, which: int | Sequence[int] | None = N
     ``Hook(edit_input=...)`` at ``transformer.h.0.attn.c_proj``), or, in models with
     separate projections, the query / key / value projections' outputs. Inner edits that
     act on the last dim then act per head (``steer`` with a ``[d_head]`` vector);
-    cache-reading edits read the same heads of the cached tensor.
+    cache-reading edits read the same heads of the cached tensor. The inner edit's result is
+    checked as in `at`.
 
     Args:
         edit: The edit to apply to the chosen heads.
         n_heads: The number of heads the last dimension is made of.
-        which: A head index or a list of them; ``None`` for every head.
+        which: A head index or a list of distinct ones (negative ones count from the end,
+            numpy integers are taken); ``None`` for every head. Stored as indices in
+            ``[0, n_heads)``, so ``which=[-1]`` equals ``which=[n_heads - 1]``.
 
     Raises:
-        EditError: (when applied) the last dim does not split into ``n_heads``, or a head
-            index is out of range.
+        SpecError: ``n_heads`` is not a positive int, or ``which`` names no head, a head
+            out of range, a head twice, or holds something that is not an int.
+        EditError: (when applied) the last dim does not split into ``n_heads``.
 
     Examples:
         >>> import torch
@@ -220,9 +282,7 @@ def heads(edit: EditLike, *, n_heads: int, which: int | Sequence[int] | None = N
         >>> heads(scale(0.0), n_heads=3, which=[1])(torch.ones(1, 1, 6), site)
         tensor([[[1., 1., 0., 0., 1., 1.]]])
     """
-    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+    count = None if _is_bool(n_heads) else _int_like(n_heads)
+    if count is None or count < 1:
         raise SpecError(f"heads(..., n_heads=...) takes a positive int, got {n_heads!r}.")
-    chosen = None if which is None else (which,) if isinstance(which, int) else tuple(which)
-    if chosen is not None and not chosen:
-        raise SpecError("heads(..., which=[]) names no head; pass which=None for every head.")
-    return Heads(as_edit(edit, where="heads(edit, ...)"), n_heads, chosen)
+    return Heads(as_edit(edit, where="heads(edit, ...)"), count, _which_arg(which, count))
