@@ -74,9 +74,9 @@ def _over_arg(over: object) -> tuple[int, ...]:
     dims = tuple(_dim_arg(d, "mean_ablate(over=...)") for d in items)
     if not dims:
         raise SpecError(
-            "mean_ablate(over=()) averages over no dimension, which would leave nothing to "
-            "average (torch reads dim=() as every dim); pass over=0 for the batch, or "
-            "over=(0, 1) for the batch and positions."
+            f"mean_ablate(over={over!r}) averages over no dimension (torch would read that "
+            "as every dimension); pass over=0 for the batch, or over=(0, 1) for the batch "
+            "and positions."
         )
     if len(set(dims)) != len(dims):
         raise SpecError(f"mean_ablate(over={over!r}) names a dimension twice; name each once.")

@@ -97,12 +97,14 @@ def _real_arg(value: object, what: str, *, finite: bool = False) -> Tensor | int
             bad = ~torch.isfinite(operand) if finite else torch.isnan(operand)
             if bool(bad.any()):
                 raise SpecError(
-                    f"{what} holds {'non-finite values' if finite else 'NaN'}; pass "
-                    f"{'finite' if finite else 'real'} values."
+                    f"{what} holds {'inf or NaN' if finite else 'NaN'} entries, which would "
+                    f"make entries NaN; pass {'finite values' if finite else 'numbers'}."
                 )
         return operand
-    if operand != operand or (finite and operand in (float("inf"), float("-inf"))):
-        raise SpecError(f"{what} is {operand!r}; pass a {'finite' if finite else 'real'} number.")
+    if operand != operand:
+        raise SpecError(f"{what} is NaN, which would make every entry NaN; pass a number.")
+    if finite and operand in (float("inf"), float("-inf")):
+        raise SpecError(f"{what} is {operand!r}; pass a finite number.")
     return operand
 
 

@@ -131,7 +131,7 @@ def _index_at(index: object, dim: object, what: str) -> tuple[Any, int | None]:
         return index.detach().clone(), None
     if index is None:
         return None, None
-    return _index_along(index, what), 1 if dim is None else _dim_arg(dim, f"{what}, dim=")
+    return _index_along(index, what), 1 if dim is None else _dim_arg(dim, "at(..., dim=...)")
 
 
 def _expression_item(item: object, what: str) -> Any:
