@@ -16,6 +16,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -63,6 +64,11 @@ feature_index = st.one_of(
     st.lists(features, min_size=1, max_size=4),
     st.builds(slice, st.integers(0, D - 1), st.integers(1, D)),
     st.lists(st.booleans(), min_size=D, max_size=D),
+    # The other forms of the same meanings: numpy and 0-d tensor ints, 1-D tensors.
+    features.map(np.int64),
+    features.map(torch.tensor),
+    st.lists(features, min_size=1, max_size=4).map(torch.tensor),
+    st.lists(st.booleans(), min_size=D, max_size=D).map(torch.tensor),
 )
 dims_and_index = st.one_of(
     st.tuples(feature_index, st.just(-1)),
