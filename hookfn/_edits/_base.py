@@ -77,6 +77,7 @@ def _fresh_refcount() -> int:
 
 
 _FRESH = _fresh_refcount()
+_getrefcount = sys.getrefcount
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -121,13 +122,16 @@ class Function(Edit):
             )
         if y is None or y is x:
             return x
-        if isinstance(y, Tensor) and (
-            sys.getrefcount(y) > _FRESH
-            or y._base is not None
-            or (y.requires_grad and y.is_leaf)
-            or _same_memory(y, x)
-        ):
-            return y.clone()
+        if isinstance(y, Tensor):
+            # What the model may write into must be the result's alone: a view, a leaf that
+            # requires grad (a Parameter) or a tensor referenced elsewhere is copied.
+            if _getrefcount(y) > _FRESH or y._base is not None or (y.requires_grad and y.is_leaf):
+                return y.clone()
+            try:
+                if y.data_ptr() == x.data_ptr():  # x.detach(), x.data
+                    return y.clone()
+            except RuntimeError:  # wrapped by torch.func: no storage of its own to compare
+                pass
         return y  # type: ignore[no-any-return]
 
     def _call_unread(self, x: Tensor) -> Any:
@@ -155,15 +159,6 @@ class Function(Edit):
 
 def _name_of(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
-
-
-def _same_memory(y: Tensor, x: Tensor) -> bool:
-    """Whether ``y`` starts at ``x``'s memory (``x.detach()``, ``x.data``), where that can be
-    read (a tensor wrapped by torch.func has no storage of its own)."""
-    try:
-        return y.data_ptr() == x.data_ptr() and x.numel() > 0
-    except RuntimeError:
-        return False
 
 
 # A parameter as the checks below need it: (kind, name, required), kind one of "positional"
