@@ -297,3 +297,80 @@ def test_steer_never_changes_the_shape(seed: int, shape: tuple[int, ...]) -> Non
         for s in range(S):
             expected[b, s] = x[b, s] + float(lengths[b, s, 0]) * unit
     torch.testing.assert_close(y, expected)
+
+
+# -- items 16 and 17 as a property: any argument is built or refused with a SpecError, and a
+# -- built edit runs or raises a hookfn error, never a raw torch or Python exception ----------
+
+junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-10, 10),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.complex_numbers(max_magnitude=4),
+    st.text(max_size=3),
+    st.lists(st.one_of(st.integers(-10, 10), st.floats(-3, 3), st.booleans()), max_size=4),
+    st.tuples(st.one_of(st.none(), st.integers(-3, 3), st.booleans(), st.just(...))),
+    st.builds(
+        slice,
+        st.integers(-9, 9) | st.none(),
+        st.integers(-9, 9) | st.none(),
+        st.integers(-3, 3) | st.none(),
+    ),
+    st.sampled_from(
+        [
+            torch.tensor(1.5),
+            torch.tensor([1, 0, 1], dtype=torch.uint8),
+            torch.tensor([[1], [3]]),
+            torch.ones(3),
+            torch.ones(2, 3, dtype=torch.bool),
+            torch.tensor([float("nan"), 1.0]),
+            np.int64(2),
+            np.float32(0.5),
+            np.bool_(True),
+            {"0": 1},
+        ]
+    ),
+)
+FACTORIES: list[Callable[[Any], Any]] = [
+    add,
+    scale,
+    lambda a: steer(torch.ones(D), a),
+    lambda a: clamp(a, 1.0),
+    ablate,
+    lambda a: ablate(0, dim=a),
+    mean_ablate,
+    lambda a: mean_ablate(over=a),
+    lambda a: mean_ablate(cache=a),
+    resample_ablate,
+    lambda a: resample_ablate(perm=a),
+    lambda a: resample_ablate(seed=a),
+    lambda a: at(a, add(1.0)),
+    lambda a: at([1], add(1.0), dim=a),
+    lambda a: heads(ablate(), n_heads=4, which=a),
+    lambda a: heads(ablate(), n_heads=a),
+    project_out,
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    make=st.sampled_from(FACTORIES),
+    argument=junk,
+    seed=seeds,
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.int64]),
+)
+def test_any_argument_gives_an_edit_or_a_hookfn_error(
+    make: Callable[[Any], Any], argument: Any, seed: int, dtype: torch.dtype
+) -> None:
+    try:
+        edit = make(argument)
+    except SpecError:
+        return
+    x = (_randn(seed, B, S, D) * 10).to(dtype)
+    try:
+        y = edit(x, SITE)
+    except HookfnError:
+        return
+    assert y.shape == x.shape
+    assert y.dtype == x.dtype

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from hookfn import EditError, Site, add, as_edit, at, heads, run_with_hooks, scale
@@ -292,3 +294,52 @@ def test_error_messages_are_short() -> None:
             edit(x, Site("some.layer.name", call=3, kind="output", module=nn.Identity()))
         assert "some.layer.name" not in str(info.value)
         assert "call 3" not in str(info.value)
+
+
+RESULT_DTYPES = [
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.bool,
+    torch.complex64,
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    x_dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+    result_dtype=st.sampled_from(RESULT_DTYPES),
+    where=st.sampled_from(["at", "heads", "top"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_results_kind_is_checked_the_same_inside_at_and_heads(
+    x_dtype: torch.dtype, result_dtype: torch.dtype, where: str, seed: int
+) -> None:
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(seed)).to(x_dtype)
+
+    def to_dtype(t: Tensor) -> Tensor:
+        return (t * 3).to(result_dtype)
+
+    edit: Any = {
+        "at": at([1], to_dtype),
+        "heads": heads(to_dtype, n_heads=2, which=[0]),
+        "top": as_edit(to_dtype),
+    }[where]
+    if not result_dtype.is_floating_point:  # another kind of number: refused everywhere
+        with pytest.raises(EditError, match=str(result_dtype)):
+            check_result(x, edit(x, SITE))
+        return
+    y = check_result(x, edit(x, SITE))
+    # The reference: the part written out by hand, the result cast back to x's dtype.
+    expected = x.clone()
+    if where == "at":
+        expected[:, 1:2] = (x[:, 1:2] * 3).to(result_dtype).to(x_dtype)
+    elif where == "heads":
+        expected[..., 0:2] = (x[..., 0:2] * 3).to(result_dtype).to(x_dtype)
+    else:
+        expected = (x * 3).to(result_dtype).to(x_dtype)
+    assert y.dtype == x_dtype
+    assert torch.equal(y, expected)

@@ -313,3 +313,33 @@ def test_every_row_gets_another_rows_values() -> None:
             rows = [int(v) for v in resample_ablate(seed=seed)(x, SITE)[:, 0]]
             assert sorted(rows) == list(range(n))
             assert all(r != i for i, r in enumerate(rows))
+
+
+@LAWS
+@given(
+    positions=st.lists(st.integers(0, S - 1), min_size=1, max_size=S, unique=True),
+    extra=st.integers(0, S - 1),
+    seed=seeds,
+)
+def test_changing_what_an_edit_was_given_changes_nothing(
+    positions: list[int], extra: int, seed: int
+) -> None:
+    x = _tensor(seed, B, S, D)
+    cache = {LAYER: Capture(LAYER, (_tensor(seed + 1, B, S, D),))}
+    nested = [list(positions)]
+    flat = list(positions)
+    edits = [
+        at(flat, add(1.0)),
+        at((slice(None), nested[0]), scale(2.0)),
+        ablate(list(flat), dim=1),
+        patch_from(cache).at(flat),
+        mean_ablate(cache=cache, over=[0]),
+        resample_ablate(cache=cache, perm=[B - 1 - i for i in range(B)]),
+    ]
+    before = [(repr(e), hash(e), e(x, SITE)) for e in edits]
+    flat.append(extra)
+    nested[0].append(extra)
+    cache[LAYER] = Capture(LAYER, (torch.zeros(B, S, D),))
+    for edit, (text, key, result) in zip(edits, before, strict=True):
+        assert (repr(edit), hash(edit)) == (text, key)
+        assert torch.equal(edit(x, SITE), result), edit

@@ -7,6 +7,7 @@ the layer, the kind and the call once, where it catches the error.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -68,8 +69,21 @@ def _operand(value: Operand, x: Tensor, what: str, *, on_bool: bool = False) -> 
     if x.is_floating_point():
         if type(value) is complex:
             raise _complex_error(what, x)
-        return value
+        if -448.0 <= value <= 448.0:  # type: ignore[operator]  # in every float dtype's range
+            return value
+        return _float_like(value, x)  # type: ignore[arg-type]
     return _number_like(value, x, what, on_bool)
+
+
+def _float_like(value: float, x: Tensor) -> float:
+    """A large number as the activation's dtype holds it, as a tensor operand would be cast
+    (beyond the dtype's range: ±inf). torch refuses to fill or clamp with a number out of
+    its range, and would raise an error of its own."""
+    try:
+        wide = float(value)
+    except OverflowError:  # an int beyond float64
+        wide = math.copysign(math.inf, value)
+    return float(torch.tensor(wide, dtype=torch.float64).to(x.dtype))
 
 
 def _complex_error(what: str, x: Tensor) -> EditError:
