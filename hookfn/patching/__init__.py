@@ -15,9 +15,11 @@ experiment starts from), `_batches` (cells per forward), `_exact`, `_attribution
 
 from __future__ import annotations
 
+from ._attribution import attribution_patching
 from ._exact import activation_patching
 from ._grid import Axis, each_head, each_index, each_position
 from ._metrics import Metric, MetricLike, kl_to_clean, logit_diff, probability
+from ._paths import path_patching
 from ._result import Agreement, Disagreement, PatchingResult, agreement
 from ._sites import Sites, SitesLike, attn_out, head_out, mlp_out, resid_post, resid_pre
 
@@ -32,6 +34,7 @@ __all__ = [
     "SitesLike",
     "activation_patching",
     "agreement",
+    "attribution_patching",
     "attn_out",
     "each_head",
     "each_index",
@@ -40,6 +43,7 @@ __all__ = [
     "kl_to_clean",
     "logit_diff",
     "mlp_out",
+    "path_patching",
     "probability",
     "resid_post",
     "resid_pre",

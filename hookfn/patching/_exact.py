@@ -316,6 +316,7 @@ def activation_patching(
     Examples:
         >>> import torch
         >>> from hookfn.demo import load_model, make_patching_pair
+        >>> from hookfn.patching import activation_patching, each_position, logit_diff
         >>> model, pair = load_model(), make_patching_pair(8, torch.Generator().manual_seed(0))
         >>> result = activation_patching(
         ...     model, pair.clean_ids, pair.corrupted_ids, "transformer.h.*",
