@@ -63,12 +63,15 @@ EDITS: dict[str, tuple[Callable[[Tensor], Any], Callable[[Tensor, Tensor], Tenso
     "add": (add, lambda x, v: x + v),
     "scale": (scale, lambda x, v: x * v),
     "replace": (replace, lambda x, v: v.expand_as(x).clone()),
-    "steer": (lambda v: steer(v, 2.0), lambda x, v: x + 2.0 * F.normalize(v, dim=-1)),
-    "project_out": (
-        project_out,
-        lambda x, v: x - (x @ F.normalize(v, dim=-1))[..., None] * F.normalize(v, dim=-1),
-    ),
+    # directions are normalized in their own precision, then cast (docs/edits.md)
+    "steer": (lambda v: steer(v, 2.0), lambda x, v: x + 2.0 * _unit(x)),
+    "project_out": (project_out, lambda x, v: x - (x @ _unit(x))[..., None] * _unit(x)),
 }
+
+
+def _unit(x: Tensor) -> Tensor:
+    """``VALUE`` as a unit vector, normalized in float64 and then cast to ``x``'s dtype."""
+    return F.normalize(VALUE, dim=-1).to(x.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=str)
