@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from hookfn import Hook, Spec, ablate, layers, patch_from, run_with_hooks, scale
+from hookfn import Hook, Spec, ablate, layers, run_with_hooks, scale
 from hookfn.demo import (
     QUERY_POSITION,
     SEQ_LEN,
@@ -15,6 +15,13 @@ from hookfn.demo import (
     load_model,
     make_batch,
     make_patching_pair,
+)
+from hookfn.patching import (
+    activation_patching,
+    agreement,
+    attribution_patching,
+    each_position,
+    logit_diff,
 )
 
 
@@ -77,55 +84,61 @@ def main() -> None:
 
     print("== 5. Activation patching: where does the answer travel? ==")
     pair = make_patching_pair(64, generator, pair_index=1)
-    sites = ["transformer.wte", *(f"transformer.h.{i}" for i in range(n_layer))]
-    clean_logits, clean = run_with_hooks(model, pair.clean_ids, sites)
-    corrupted_logits = model(pair.corrupted_ids)
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        """Mean logit of the clean answer minus that of the corrupted answer."""
-        last = logits[:, QUERY_POSITION]
-        right = last.gather(1, pair.clean_targets[:, None])
-        wrong = last.gather(1, pair.corrupted_targets[:, None])
-        return (right - wrong).mean()
-
-    def logit_diff(logits: torch.Tensor) -> float:
-        return float(metric(logits).detach())
-
-    clean_diff, corrupted_diff = logit_diff(clean_logits), logit_diff(corrupted_logits)
+    sites = ["transformer.wte", "transformer.h.*"]
+    metric = logit_diff(pair.clean_targets, pair.corrupted_targets)
+    exact = activation_patching(
+        model, pair.clean_ids, pair.corrupted_ids, sites, over=each_position(), metric=metric
+    )
     print(
         f"Clean and corrupted prompts differ only in the queried value (position "
-        f"{pair.position}); logit difference clean {clean_diff:+.2f}, corrupted "
-        f"{corrupted_diff:+.2f}."
+        f"{pair.position}); logit difference clean {float(exact.clean):+.2f}, corrupted "
+        f"{float(exact.corrupted):+.2f}."
     )
     print("Share of the clean answer restored by patching one output at one position:")
-    print("  " + " " * 18 + "".join(f"{p:>6d}" for p in range(SEQ_LEN)))
-    restored = torch.zeros(len(sites), SEQ_LEN)
-    for row, name in enumerate(sites):
-        for position in range(SEQ_LEN):
-            patched, _ = run_with_hooks(
-                model, pair.corrupted_ids, {name: patch_from(clean).at(position)}
-            )
-            restored[row, position] = (logit_diff(patched) - corrupted_diff) / (
-                clean_diff - corrupted_diff
-            )
-        print(f"  {name:18s}" + "".join(f"{float(r):6.0%}" for r in restored[row]))
-    for row, name in enumerate(sites):
-        print(f"  after {name:18s} the answer is carried at position {int(restored[row].argmax())}")
+    restored = exact.normalized()
+    print(_indent(restored.table(precision=2)))
+    for name, row in zip(restored.labels[0], restored.values, strict=True):
+        print(f"  after {name:18s} the answer is carried at position {int(row.argmax())}")
     print()
 
-    print("== 6. Gradients: attribution patching, every position from one backward pass ==")
-    layer = "transformer.wte"
-    _, grads = run_with_hooks(model, pair.corrupted_ids, {layer: Hook(grad=True)}, backward=metric)
-    difference = clean[layer].output - grads[layer].output
-    estimate = (grads[layer].grad_output * difference).sum(-1).mean(0)
-    actual = restored[0] * (clean_diff - corrupted_diff)
-    print(f"  change of the logit difference when patching {layer}, per position:")
-    print("  first-order estimate " + "".join(f"{float(e):+7.2f}" for e in estimate))
-    print("  actual patch         " + "".join(f"{float(a):+7.2f}" for a in actual))
-    print(
-        f"  The estimate, a linearization, ranks position {int(estimate.abs().argmax())} first; "
-        f"the actual patches, {SEQ_LEN} runs, rank position {int(actual.abs().argmax())} first."
+    print("== 6. Gradients: attribution patching, every cell from one backward pass ==")
+    estimate = attribution_patching(
+        model, pair.clean_ids, pair.corrupted_ids, sites, over=each_position(), metric=metric
     )
+    integrated = attribution_patching(
+        model,
+        pair.clean_ids,
+        pair.corrupted_ids,
+        sites,
+        over=each_position(),
+        metric=metric,
+        steps=16,
+    )
+    layer = 0
+    print(f"  change of the logit difference when patching {exact.labels[0][layer]}:")
+    print("  position                " + "".join(f"{p:>7d}" for p in range(SEQ_LEN)))
+    for label, result in (
+        ("first-order estimate", estimate),
+        ("integrated, 16 steps", integrated),
+        ("actual patch", exact),
+    ):
+        print(f"  {label:24s}" + "".join(f"{float(e):+7.2f}" for e in result.effect[layer]))
+    print("  Agreement with exact patching over every cell:")
+    for label, result in (("first-order", estimate), ("integrated", integrated)):
+        report = agreement(result, exact, top_k=3, worst=0)
+        print(
+            f"    {label:12s} pearson {report.pearson:+.2f}  spearman {report.spearman:+.2f}  "
+            f"top-3 overlap {report.top_k_overlap:.0%}"
+        )
+    print(
+        "  The model saturates: the gradient at the corrupted run says little about a large "
+        "change, and\n  averaging it along the path from corrupted to clean (integrated "
+        "gradients) recovers the effect."
+    )
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
 
 
 if __name__ == "__main__":
