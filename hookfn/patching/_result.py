@@ -179,7 +179,7 @@ class PatchingResult:
         spread = float((finite - centre).abs().max()) if finite.numel() else 1.0
         spread = spread or 1.0
         if ax is None:
-            height = min(1.0 + 0.35 * len(rows), 14.0)
+            height = min(2.5 + 0.35 * len(rows), 14.0)  # room for the colour bar's label
             width = min(2.5 + 0.45 * len(columns), 18.0)
             figure = Figure(figsize=(width, height), layout="constrained")
             ax = figure.add_subplot()
