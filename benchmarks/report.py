@@ -434,6 +434,73 @@ def memory_section(report: Report, rows: list[Row]) -> None:
     )
 
 
+def patching_section(report: Report, rows: list[Row]) -> None:
+    """`hookfn.patching` against the raw loop and TransformerLens (test_bench_patching.py)."""
+    sweeps = [row for row in rows if row.suite == "patching" and "medians" in row.info]
+    budgets = [row for row in rows if row.suite == "patching-memory"]
+    if not sweeps and not budgets:
+        return
+    report.add(
+        "### Activation-patching experiments (`hookfn.patching`)",
+        "",
+        "Medians of rounds that run every way in turn, equal results asserted. *raw loop*: one "
+        "forward per cell with `register_forward_pre_hook`; *TransformerLens*: its "
+        "`get_act_patch_resid_pre` / `get_act_patch_attn_head_out_all_pos` on a "
+        "`TransformerBridge` of the same weights; *hookfn*: `activation_patching`; "
+        "*attribution*: `attribution_patching` of the same grid.",
+        "",
+    )
+    table = []
+    for row in sweeps:
+        times = row.info["medians"]
+        ours = times["hookfn"]
+        attribution = times.get("attribution patching")
+        table.append(
+            [
+                row.model,
+                row.case,
+                str(row.info.get("cells", "")),
+                _fmt_time(times["raw loop"]),
+                _fmt_time(times["TransformerLens"]),
+                _fmt_time(ours),
+                f"{times['raw loop'] / ours:.2f}x",
+                f"{times['TransformerLens'] / ours:.2f}x",
+                f"{ours / attribution:.0f}x" if attribution else "",
+            ]
+        )
+    if table:
+        report.table(
+            [
+                "model",
+                "sweep",
+                "cells",
+                "raw loop",
+                "TransformerLens",
+                "hookfn",
+                "vs raw loop",
+                "vs TransformerLens",
+                "attribution vs exact",
+            ],
+            table,
+        )
+    if not budgets:
+        return
+    mb = 1024 * 1024
+    report.table(
+        ["model", "case", "budget MiB", "rows per forward", "peak MiB"],
+        [
+            [
+                row.model,
+                row.case,
+                f"{row.info['budget'] / mb:.1f}",
+                str(row.info["rows"]),
+                f"{row.info['peak'] / mb:.2f}",
+            ]
+            for row in budgets
+        ],
+    )
+
+
 def _status(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
@@ -581,6 +648,7 @@ def build(path: str, args: argparse.Namespace) -> Report:
     fixed_section(report, items)
     sweep_section(report, rows)
     memory_section(report, rows)
+    patching_section(report, rows)
     machine_section(report, data, args.stat)
     gate(report, items, args)
     return report

@@ -46,8 +46,8 @@ RIGHT, WRONG = 3, 5
 
 # model: (n_layer, width, heads, vocab, seq, timing rounds, quick)
 MODELS = {
-    "tiny": (4, 64, 4, 512, 16, 5, True),
-    "small": (12, 768, 12, 50257, 32, 3, False),
+    "patching-tiny": (4, 64, 4, 512, 16, 5, True),
+    "patching-small": (12, 768, 12, 50257, 32, 3, False),
 }
 
 
@@ -226,7 +226,9 @@ def _rows() -> list[Any]:
     for key, (*_, quick) in MODELS.items():
         marks = [pytest.mark.quick] if quick else [pytest.mark.slow]
         for sweep in ("resid", "heads"):
-            rows.append(pytest.param(key, sweep, id=f"{key}-{sweep}", marks=marks))
+            rows.append(
+                pytest.param(key, sweep, id=f"{key.removeprefix('patching-')}-{sweep}", marks=marks)
+            )
     return rows
 
 
@@ -237,7 +239,7 @@ def test_patching_sweep(benchmark: Any, model: str, sweep: str) -> None:
     fns = ways(model, sweep)
     if sweep == "resid":
         fns["attribution patching"] = lambda: attribution(model)
-    benchmark.group = f"patching-{model}-{sweep}"
+    benchmark.group = f"{model}-{sweep}"
     benchmark.extra_info.update(
         suite="patching",
         model=model,
@@ -257,7 +259,7 @@ def test_patching_sweep(benchmark: Any, model: str, sweep: str) -> None:
                 got = fn().reshape(want.shape).float()
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=name)
         assert want.max() - want.min() > 1e-3, "the patches have no effect"
-        result = benchmark.pedantic(fns["hookfn"], rounds=1 if model == "small" else 3)
+        result = benchmark.pedantic(fns["hookfn"], rounds=1 if model == "patching-small" else 3)
         torch.testing.assert_close(result, want, atol=1e-4, rtol=0)
     if "attribution patching" in fns:
         estimate = fns["attribution patching"]()
@@ -283,7 +285,7 @@ def test_patching_memory_budget(benchmark: Any, budget_mb: int) -> None:
     which does not nest): the rows it picked are read off the model's calls, then a sweep of
     that many rows per forward is profiled.
     """
-    s = setup("tiny")
+    s = setup("patching-tiny")
     budget = budget_mb * 2**20
 
     def sweep(**sizes: Any) -> Tensor:
@@ -316,7 +318,7 @@ def test_patching_memory_budget(benchmark: Any, budget_mb: int) -> None:
     benchmark.group = "patching-memory"
     benchmark.extra_info.update(
         suite="patching-memory",
-        model="tiny",
+        model="patching-tiny",
         case=f"resid, memory={budget_mb}MiB",
         impl="hookfn",
         budget=budget,
