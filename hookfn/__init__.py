@@ -6,7 +6,7 @@ edits at the layers the spec names, and returns its output with a ``{layer: Capt
 
 from __future__ import annotations
 
-from ._capture import Args, Capture, primary
+from ._capture import Args, Capture, Omitted, primary
 from ._discover import LayerInfo, LayerTable, layers
 from ._edits import (
     Chain,
@@ -34,14 +34,18 @@ from ._errors import (
     CompileError,
     EditError,
     HookfnError,
+    HookfnWarning,
     LayerNotFoundError,
+    NotCalledWarning,
     SpecError,
     TransformError,
 )
+from ._gate import StopForward
 from ._hook import Hook, SpecValue
+from ._plan import Spec
 from ._run import run_with_hooks
 from ._site import Site, SiteKind
-from ._trace import Spec, Trace, TraceMultiple
+from ._trace import Trace, TraceMultiple
 
 __all__ = [
     "Args",
@@ -55,14 +59,18 @@ __all__ = [
     "Function",
     "Hook",
     "HookfnError",
+    "HookfnWarning",
     "LayerInfo",
     "LayerNotFoundError",
     "LayerTable",
+    "NotCalledWarning",
+    "Omitted",
     "Site",
     "SiteKind",
     "Spec",
     "SpecError",
     "SpecValue",
+    "StopForward",
     "Trace",
     "TraceMultiple",
     "TransformError",

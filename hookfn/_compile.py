@@ -29,7 +29,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._errors import CompileError
-from ._sites import _strip_prefix, _submodule, index_of, unwrap
+from ._gate import ACTIVE
+from ._keys import strip_prefix, submodule, unwrap
 
 __all__ = [
     "CompileGuard",
@@ -139,20 +140,16 @@ def enclosing(
     # Ancestor names, each once: walking up from a layer stops at the first known parent.
     ancestors: dict[str, None] = {"": None}
     for site_name, _ in hooked:
-        name = _strip_prefix(site_name, prefix)[1] if prefix else site_name
+        name = strip_prefix(site_name, prefix)[1] if prefix else site_name
         while name:
             name = name.rpartition(".")[0]
             if name in ancestors:
                 break
             ancestors[name] = None
-    # The cached index of names (fresh: the plan was just resolved against it).
-    modules = index_of(inner).modules
     for name in sorted(ancestors, key=lambda n: n.count(".") + (n != "")):  # outermost first
-        ancestor = modules.get(name)
+        ancestor = submodule(inner, name)
         if ancestor is None:
-            ancestor = _submodule(inner, name)
-            if ancestor is None:
-                continue
+            continue
         label = prefix + name if name else prefix[:-1]
         found.setdefault(id(ancestor), (label, ancestor, False))
     for site_name, site in hooked:
@@ -199,7 +196,28 @@ def check_compiled(
             raise _wrapper_inside(name)
         if getattr(module, "_compiled_call_impl", None) is not None and module is not eager_root:
             raise _compiled_in_place(name, module)
+        if _compiled_forward(module):
+            raise _forward_compiled(name)
     return top
+
+
+def _compiled_forward(module: nn.Module) -> bool:
+    """Whether ``module.forward`` was replaced by a compiled function on the instance
+    (``m.forward = torch.compile(m.forward)``): the module then runs a compiled graph."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and hasattr(forward, "_torchdynamo_orig_callable")
+
+
+def _forward_compiled(name: str) -> CompileError:
+    label = _label(name)
+    return CompileError(
+        f"the forward of {label} was replaced by a compiled function "
+        "(m.forward = torch.compile(m.forward)), so it runs as a compiled graph, where hooks "
+        "cannot act (the run would silently return an unedited output). Hook the model "
+        f"with its eager forward: `del {label if name else 'model'}.forward` restores it, or "
+        "compile the whole model with torch.compile(model) instead: hookfn runs a compiled "
+        "model's hooked calls eagerly."
+    )
 
 
 def _label(name: str) -> str:
@@ -240,10 +258,10 @@ class CompileGuard:
         self.wrappers = tuple(wrappers)
         self.handles: list[RemovableHandle] = []
 
-    def attach(self, active: contextvars.ContextVar[frozenset[object]], token: object) -> None:
+    def attach(self, token: object) -> None:
         """Register the guards (the caller holds the registration lock)."""
         for wrapper in self.wrappers:
-            self.handles.append(wrapper.register_forward_pre_hook(_guard(active, token)))
+            self.handles.append(wrapper.register_forward_pre_hook(_guard(ACTIVE, token)))
 
     def detach(self) -> None:
         """Remove the guards; idempotent, and resumable after an interruption."""

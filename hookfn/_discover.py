@@ -12,9 +12,9 @@ from torch import Tensor, nn
 
 from ._capture import Capture, primary
 from ._hook import Hook
-from ._run import call_with
-from ._sites import unwrap
-from ._trace import TraceMultiple
+from ._keys import unwrap
+from ._plan import plan
+from ._run import run_with_hooks
 
 __all__ = ["LayerInfo", "LayerTable", "layers"]
 
@@ -175,8 +175,8 @@ def layers(
     inner, _ = unwrap(model)
     if match == "**" and next(inner.children(), None) is None:
         return LayerTable()
-    trace = TraceMultiple(model, {match: _SHAPES_ONLY})
-    fn = model if forward is None else forward
+    spec = {match: _SHAPES_ONLY}
+    modules = {site.name: site.module for site in plan(model, spec)}
     saved = [
         (buffer, buffer.clone())
         for module in inner.modules()
@@ -185,10 +185,10 @@ def layers(
     ]
     devices = sorted({p.device.index or 0 for p in inner.parameters() if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), trace:
-            call_with(fn, inputs)
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            _, caches = run_with_hooks(model, inputs, spec, forward=forward)
     finally:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
-    return LayerTable(_info(name, t.module, t.capture) for name, t in trace.items())
+    return LayerTable(_info(name, modules[name], capture) for name, capture in caches.items())

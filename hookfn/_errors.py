@@ -7,7 +7,9 @@ __all__ = [
     "CompileError",
     "EditError",
     "HookfnError",
+    "HookfnWarning",
     "LayerNotFoundError",
+    "NotCalledWarning",
     "SpecError",
     "TransformError",
 ]
@@ -55,4 +57,16 @@ class CompileError(HookfnError, RuntimeError):
     unedited output and empty captures. hookfn runs a compiled model's hooked calls eagerly
     where it can reach the eager module (``torch.compile(model)``, ``model.compile()``), and
     raises this error where it cannot; the message names the compiled module and the fix.
+    """
+
+
+class HookfnWarning(UserWarning):
+    """Base class of every warning hookfn issues."""
+
+
+class NotCalledWarning(HookfnWarning):
+    """An edit's layer was never called during the run, so the edit did nothing.
+
+    Pass ``strict=True`` (to `run_with_hooks`, `Trace` or `TraceMultiple`) to make it an
+    `EditError`.
     """

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import HookfnError, SpecError, TransformError
-from ._sites import unwrap
+from ._keys import unwrap
 
 __all__ = ["inside_vmap", "state_call", "transform_error", "vmap_backward_error"]
 
@@ -60,8 +60,36 @@ def _check_state(
                     f"{'parameter' if what == 'params' else 'buffer'} has shape "
                     f"{tuple(known[full].shape)}; pass a tensor of the same shape."
                 )
+            if value.dtype != known[full].dtype and not (
+                value.is_floating_point() and known[full].is_floating_point()
+            ):
+                raise SpecError(
+                    f"{what}[{name!r}] has dtype {value.dtype}, but the model's "
+                    f"{'parameter' if what == 'params' else 'buffer'} is {known[full].dtype}; "
+                    f"pass value.to({known[full].dtype})."
+                )
             state[full] = value
+    _check_tied(state, named)
     return state
+
+
+def _check_tied(state: Mapping[str, Tensor], named: Mapping[str, Mapping[str, Tensor]]) -> None:
+    """Refuse two different tensors for names that share one tensor in the model (tied
+    weights, e.g. GPT-2's embedding and output layer): which one would win is unclear."""
+    owners: dict[int, tuple[str, Tensor]] = {}
+    for table in named.values():
+        for name, tensor in table.items():
+            if name not in state:
+                continue
+            seen = owners.get(id(tensor))
+            if seen is None:
+                owners[id(tensor)] = (name, state[name])
+            elif seen[1] is not state[name]:
+                raise SpecError(
+                    f"{seen[0]!r} and {name!r} are one tied tensor in the model, but two "
+                    "different tensors were given for them; pass one tensor under one of "
+                    "the names (the tie is kept), or the same tensor under both."
+                )
 
 
 def _unknown_name(

@@ -12,7 +12,7 @@ from typing_extensions import TypeAlias
 from ._edits import Edit, EditLike, as_edit
 from ._errors import SpecError
 
-__all__ = ["Hook", "SpecValue", "to_hook"]
+__all__ = ["CAPTURE", "Hook", "SpecValue", "to_hook"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,14 @@ class Hook:
     clone: bool = field(default=True, kw_only=True)
     device: torch.device | None = field(default=None, kw_only=True)
     dtype: torch.dtype | None = field(default=None, kw_only=True)
+    # What the hook path does at this site, decided once here (see `hookfn._hooks`).
+    edits_output: bool = field(default=False, init=False, repr=False, compare=False)
+    after_output: bool = field(default=True, init=False, repr=False, compare=False)
+    edits_input: bool = field(default=False, init=False, repr=False, compare=False)
+    after_input: bool = field(default=False, init=False, repr=False, compare=False)
+    captures_only: bool = field(default=True, init=False, repr=False, compare=False)
+    wants_grad: bool = field(default=False, init=False, repr=False, compare=False)
+    plain_copy: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __init__(
         self,
@@ -87,6 +95,8 @@ class Hook:
                 raise SpecError(f"Hook({flag_name}=...) takes True or False, got {flag!r}.")
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise SpecError(f"Hook(dtype=...) takes a torch.dtype, got {dtype!r}.")
+        if device is not None:
+            device = _device(device)
         setattr_ = object.__setattr__
         setattr_(self, "edit", None if edit is None else as_edit(edit, where="Hook(edit=...)"))
         setattr_(self, "output", output)
@@ -105,8 +115,43 @@ class Hook:
         )
         setattr_(self, "detach", detach)
         setattr_(self, "clone", clone)
-        setattr_(self, "device", None if device is None else torch.device(device))
+        setattr_(self, "device", device)
         setattr_(self, "dtype", dtype)
+        self._set_roles()
+
+    def _set_roles(self) -> None:
+        setattr_ = object.__setattr__
+        edits_output = self.edit is not None
+        wants_grad = self.grad or self.edit_grad is not None
+        setattr_(self, "edits_output", edits_output)
+        setattr_(self, "after_output", self.output or wants_grad)
+        setattr_(self, "edits_input", self.edit_input is not None)
+        setattr_(self, "after_input", self.input or self.grad_input)
+        setattr_(self, "wants_grad", wants_grad)
+        setattr_(
+            self,
+            "captures_only",
+            self.output
+            and not (self.input or self.grad_input or wants_grad)
+            and not edits_output
+            and self.edit_input is None,
+        )
+        setattr_(
+            self,
+            "plain_copy",
+            self.detach and self.clone and self.device is None and self.dtype is None,
+        )
+
+    @classmethod
+    def of_edit(cls, edit: Edit) -> Hook:
+        """``Hook(edit)`` for an `Edit` already checked: made for each run of a spec whose
+        value is an edit, so without the argument checks."""
+        self = object.__new__(cls)
+        for name, value in _PLAIN_FIELDS:
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "edit", edit)
+        self._set_roles()
+        return self
 
     def __repr__(self) -> str:
         parts = []
@@ -122,16 +167,6 @@ class Hook:
     def captures_forward(self) -> bool:
         """Whether the hook records anything during the forward pass."""
         return self.output or self.input
-
-    @property
-    def needs_pre_hook(self) -> bool:
-        """Whether a forward pre-hook is needed (input capture, edit or gradient)."""
-        return self.input or self.edit_input is not None or self.grad_input
-
-    @property
-    def needs_forward_hook(self) -> bool:
-        """Whether a forward hook is needed (output capture, edit or gradient)."""
-        return self.output or self.edit is not None or self.grad or self.edit_grad is not None
 
 
 _FIELDS = (
@@ -159,12 +194,31 @@ _DEFAULTS: dict[str, Any] = {
     "dtype": None,
 }
 
+_PLAIN_FIELDS = (("edit", None), *_DEFAULTS.items())
+
+
+def _device(device: object) -> torch.device:
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+        raise SpecError(
+            f"Hook(device=...) takes a torch.device, a string such as 'cpu' or 'cuda:0', or "
+            f"a device index; got {device!r} ({type(device).__name__})."
+        )
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise SpecError(
+            f"Hook(device={device!r}) is not a device torch knows ({error}); use e.g. 'cpu' "
+            "or 'cuda:0'."
+        ) from None
+
+
 SpecValue: TypeAlias = Union[
     Hook, str, tuple[bool, bool, Union[Callable[..., Any], None]], EditLike
 ]
 """A spec value: a `Hook`, ``"capture"``, a DeepHook tuple, or an edit."""
 
-_CAPTURE = Hook()
+CAPTURE = Hook()
+"""The hook of ``"capture"``: the output, copied and detached."""
 
 _ACCEPTED = (
     "accepted values: 'capture'; an edit such as add(1.0) or a callable f(x) / f(x, site); "
@@ -183,7 +237,7 @@ def to_hook(value: object, key: str) -> Hook:
         return value
     if isinstance(value, str):
         if value == "capture":
-            return _CAPTURE
+            return CAPTURE
         raise SpecError(f"spec[{key!r}] = {value!r} is not understood; {_ACCEPTED}.")
     if isinstance(value, tuple):
         if (
@@ -198,6 +252,8 @@ def to_hook(value: object, key: str) -> Hook:
             f"spec[{key!r}] = {value!r}: a tuple must be the DeepHook triple "
             f"(retain_output: bool, retain_input: bool, edit_fn or None); {_ACCEPTED}."
         )
-    if isinstance(value, Edit) or callable(value):
+    if isinstance(value, Edit):
+        return Hook.of_edit(value)
+    if callable(value):
         return Hook(as_edit(value, where=f"spec[{key!r}]"))
     raise SpecError(f"spec[{key!r}] = {value!r} ({type(value).__name__}); {_ACCEPTED}.")

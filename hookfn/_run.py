@@ -12,10 +12,12 @@ from ._capture import Args, Capture
 from ._compile import eager_callable, eager_forward
 from ._errors import HookfnError, SpecError
 from ._func import inside_vmap, state_call, transform_error, vmap_backward_error
+from ._gate import IN_BACKWARD, StopForward, graph_task
 from ._hook import Hook
-from ._trace import _IN_BACKWARD, Spec, StopForward, TraceMultiple, _graph_task
+from ._plan import Spec
+from ._trace import TraceMultiple
 
-__all__ = ["call_with", "run_with_hooks"]
+__all__ = ["call_with", "check_inputs", "run_with_hooks"]
 
 
 def call_with(fn: Callable[..., Any], inputs: object) -> Any:
@@ -44,6 +46,7 @@ def run_with_hooks(
     backward: Callable[[Any], Tensor] | None = None,
     params: Mapping[str, Tensor] | None = None,
     buffers: Mapping[str, Tensor] | None = None,
+    strict: bool = False,
 ) -> tuple[Any, dict[str, Capture]]:
     """Run ``model`` once with hooks; return its output and a ``{layer: Capture}`` dict.
 
@@ -77,6 +80,8 @@ def run_with_hooks(
             (`torch.func.functional_call`; tied weights stay tied). Ablate or swap a
             weight, or differentiate with respect to weights with ``torch.func.grad``.
         buffers: The same for ``model.named_buffers()``.
+        strict: An edit whose layer the run never called raises an `EditError`; by default
+            it is a `NotCalledWarning`.
 
     Returns:
         ``(output, captures)``: what the model returned (with the edits applied), and the
@@ -124,28 +129,51 @@ def run_with_hooks(
         call = fn
     if params is not None or buffers is not None:
         fn = state_call(model, call, params, buffers)
-    trace = TraceMultiple(model, spec, stop_early=stop_early, _eager_root=eager_root)
+    check_inputs(inputs)
+    trace = TraceMultiple(model, spec, stop_early=stop_early, strict=strict, _eager_root=eager_root)
     output: Any = None
+    stopped = False
     try:
-        with trace:
-            try:
-                output = fn(inputs) if type(inputs) is Tensor else call_with(fn, inputs)
-                if backward is not None:
-                    _backpropagate(backward, output, trace)
-            except StopForward as stop:
-                if stop.token is not trace.token:
-                    raise
-            except RuntimeError as error:
-                explained = transform_error(error)
-                if explained is None:
-                    raise
-                raise explained from error
-    except BaseException:
-        # A no-op unless a KeyboardInterrupt cut the with statement's enter or exit short:
-        # the cleanup is idempotent, so nothing stays registered whatever was interrupted.
-        trace._close()
-        raise
+        trace._open()
+        try:
+            output = fn(inputs) if type(inputs) is Tensor else call_with(fn, inputs)
+            if backward is not None:
+                _backpropagate(backward, output, trace)
+        except StopForward as stop:
+            if stop.token is not trace.token:
+                raise
+            stopped = True
+        except RuntimeError as error:
+            explained = transform_error(error)
+            if explained is None:
+                raise
+            raise explained from error
+    finally:
+        # Idempotent: run again if an interrupt cut it short, nothing stays registered.
+        try:
+            trace._close()
+        except BaseException:
+            trace._close()
+            raise
+    if not stopped:
+        trace._report_uncalled()
     return output, trace.captures()
+
+
+def check_inputs(inputs: object) -> None:
+    """Refuse inputs that cannot be passed to the model, before anything is registered.
+
+    Raises:
+        SpecError: A mapping of inputs with a key that is not a string.
+    """
+    if isinstance(inputs, Mapping):
+        bad = [key for key in inputs if not isinstance(key, str)]
+        if bad:
+            raise SpecError(
+                f"the inputs mapping has a key {bad[0]!r} ({type(bad[0]).__name__}) that is not "
+                "a string; a mapping is passed as keyword arguments, model(**inputs). Pass "
+                "Args(*args, **kwargs) for positional arguments."
+            )
 
 
 def _backpropagate(metric_fn: Callable[[Any], Tensor], output: Any, trace: TraceMultiple) -> None:
@@ -157,7 +185,7 @@ def _backpropagate(metric_fn: Callable[[Any], Tensor], output: Any, trace: Trace
             f"{type(metric).__name__}{tuple(metric.shape) if isinstance(metric, Tensor) else ''}."
         )
     if not metric.requires_grad:
-        if not targets and not any(_wants_grad(t.hook) for t in trace.values()):
+        if not targets and not any(_wants_grad(p.hook) for p in trace.sites):
             return  # nothing asked for a gradient
         if inside_vmap():
             raise vmap_backward_error()
@@ -173,7 +201,7 @@ def _backpropagate(metric_fn: Callable[[Any], Tensor], output: Any, trace: Trace
     # output and backpropagate again, and an enclosing torch.func.grad/vjp needs it. Captured
     # gradients that are not detached stay differentiable (create_graph).
     create_graph = torch.is_grad_enabled() and any(
-        (t.hook.grad or t.hook.grad_input) and not t.hook.detach for t in trace.values()
+        (p.hook.grad or p.hook.grad_input) and not p.hook.detach for p in trace.sites
     )
     # Checkpointed forwards re-run during this pass see the run's hooks even in autograd
     # worker threads, which do not inherit the caller's context; only in this pass's graph
@@ -181,14 +209,14 @@ def _backpropagate(metric_fn: Callable[[Any], Tensor], output: Any, trace: Trace
     # is the first node the engine runs), so another thread's backward stays unhooked.
     tasks: set[int] = set()
     root = metric.view_as(metric)
-    root.register_hook(lambda grad: tasks.add(_graph_task()))  # type: ignore[no-untyped-call]
-    _IN_BACKWARD[trace.token] = tasks
+    root.register_hook(lambda grad: tasks.add(graph_task()))  # type: ignore[no-untyped-call]
+    IN_BACKWARD[trace.token] = tasks
     try:
         torch.autograd.grad(
             root, targets, allow_unused=True, retain_graph=True, create_graph=create_graph
         )
     finally:
-        _IN_BACKWARD.pop(trace.token, None)
+        IN_BACKWARD.pop(trace.token, None)
 
 
 def _wants_grad(hook: Hook) -> bool:

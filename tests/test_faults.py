@@ -42,7 +42,9 @@ from hookfn import (
     add,
     run_with_hooks,
 )
-from hookfn._trace import _ACTIVE, _IN_BACKWARD, _OWN_FORWARD_HOOKS
+from hookfn._gate import ACTIVE as _ACTIVE
+from hookfn._gate import IN_BACKWARD as _IN_BACKWARD
+from hookfn._hooks import _HEADS
 
 HOOKFN_DIR = str(Path(hookfn.__file__).resolve().parent)
 
@@ -139,7 +141,7 @@ class State:
         assert now.active == self.active, "a run stayed active in the context"
         assert now.attributes == self.attributes, "a module attribute was left behind"
         assert not _IN_BACKWARD, "a run stayed registered as being in backward"
-        assert not _OWN_FORWARD_HOOKS, "a hook id stayed registered as hookfn's"
+        assert not _HEADS, "an edit step stayed registered as hookfn's"
 
 
 def install_user_hooks(model: nn.Sequential) -> list[int]:
@@ -271,10 +273,8 @@ class InterruptAt:
     def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
         caller = frame.f_back
         from_hookfn = caller is not None and caller.f_code.co_filename.startswith(HOOKFN_DIR)
-        if frame.f_code.co_name == "__exit__" and not from_hookfn:
-            # The instant a user's own ``with Trace(...)`` block enters ``__exit__`` is the
-            # one place no library can protect (the exit method has not started, and Python
-            # does not call it again). run_with_hooks covers it (its block is hookfn's).
+        if frame.f_code.co_name == "__del__":
+            # Python never lets an exception out of a finalizer (it prints it and goes on).
             return
         if event == "call" and (from_hookfn or frame.f_code.co_filename.startswith(HOOKFN_DIR)):
             self.points += 1

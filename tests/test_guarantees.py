@@ -402,7 +402,8 @@ def test_user_exception_in_an_edit_propagates_unchanged(
 
 
 def test_nested_runs_keep_their_order_ahead_of_other_hooks():
-    """An inner run sees the outer run's edit; a foreign hook sees both edits."""
+    """An inner run sees the outer run's edit; a foreign hook sees both edits; captures of
+    both runs hold what the rest of the model receives (both edits)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     x = torch.randn(3, 4)
@@ -424,7 +425,7 @@ def test_nested_runs_keep_their_order_ahead_of_other_hooks():
             out, outer = run_with_hooks(model, x, {"0": add(a)}, forward=forward)
     finally:
         handle.remove()
-    assert torch.allclose(outer["0"].output, h + a)  # the outer hook runs first
+    assert torch.allclose(outer["0"].output, h + a + b)  # what the next layer receives
     assert torch.allclose(inner["0"].output, h + a + b)  # the inner one sees its edit
     assert len(foreign) == 1
     assert torch.allclose(foreign[0], h + a + b)  # a foreign hook sees both

@@ -172,7 +172,7 @@ def test_nothing_registered_before_enter_and_all_removed_after_exit(
     assert hook_snapshot(tiny_gpt2) == before  # constructing registers nothing
     with ctx:
         hooks, pre_hooks = _registered(block)
-        assert hooks == base[0] + 1
+        assert hooks in (base[0] + 1, base[0] + 2)  # an edit step, and an after step
         assert pre_hooks in (base[1], base[1] + 1)
         with torch.no_grad():
             tiny_gpt2(**gpt2_inputs)

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import difflib
 import re
-import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import NamedTuple
 
 from torch import nn
 
 from ._errors import LayerNotFoundError, SpecError
 
-__all__ = ["ModelIndex", "Resolved", "cached_index", "index_of", "resolve_key", "unwrap"]
+__all__ = [
+    "Link",
+    "Names",
+    "Resolved",
+    "glob_regex",
+    "is_glob",
+    "path_to",
+    "resolve_key",
+    "strip_prefix",
+    "submodule",
+    "unwrap",
+]
 
 # Wrappers whose child is the model users think of, with the prefix they add to names.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -60,97 +70,65 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
         return model, prefix
 
 
-@dataclass(slots=True)
-class ModelIndex:
-    """Names of a model's modules in `named_modules()` order, built once and reused.
+class Names:
+    """The names of a model's modules in `named_modules()` order, read once per resolution.
 
-    It holds the model's submodules but never the model itself (``modules`` has no entry for
-    the name ``""``): it is kept only while the model lives (see `_INDEX`), and a reference
-    back to the model would keep every model ever hooked alive.
+    Made afresh for each spec that is resolved (never kept between runs): a kept index of a
+    model's submodules would keep them, and through a reference back, the model, alive.
     """
 
-    names: list[str]
-    modules: dict[str, nn.Module]  # name -> module, the root excepted
-    order: dict[int, int]  # id(module) -> position in names
-    by_id: dict[int, str]
-    # Every module's registered children as they were when the index was built: the parent's
-    # `_modules` dict and a copy of it (see `unchanged`).
-    tree: list[tuple[dict[str, nn.Module | None], dict[str, nn.Module | None]]] = field(
-        default_factory=list
-    )
-    # Plans resolved against this index, by their tuple of spec keys (see `_trace.plan`).
-    plans: dict[object, object] = field(default_factory=dict)
+    __slots__ = ("_by_id", "_modules", "_names", "root")
 
-    def knows(self, module: nn.Module, root: nn.Module) -> bool:
-        """Whether ``module`` is the module the index lists under its id (not another
-        object that reuses the id of a module gone since): then its order is right."""
-        name = self.by_id.get(id(module))
-        return name is not None and (self.modules.get(name) if name else root) is module
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self._names: list[str] | None = None
+        self._modules: dict[str, nn.Module] = {}
+        self._by_id: dict[int, tuple[int, str]] = {}
 
-    def unchanged(self) -> bool:
-        """Whether no module of the model gained, lost or swapped a child since the index was
-        built, i.e. `named_modules()` would list the same modules under the same names."""
-        # A plain loop: `all()` over a generator costs twice as much on this path.
-        for children, copy in self.tree:  # noqa: SIM110
-            if children != copy:
-                return False
-        return True
+    def _read(self) -> list[str]:
+        names = self._names
+        if names is None:
+            names = self._names = []
+            for name, module in self.root.named_modules():
+                self._by_id[id(module)] = (len(names), name)
+                self._modules[name] = module
+                names.append(name)
+        return names
 
+    @property
+    def names(self) -> list[str]:
+        """Every module's name, the root's (``""``) first."""
+        return self._read()
 
-# id(model) -> (a weak reference to the model, its index). Keyed by id for a lookup without
-# Python-level code (a WeakKeyDictionary makes a weak reference per lookup); the reference's
-# callback drops the entry when the model is freed, before its id can be reused.
-_INDEX: dict[int, tuple[weakref.ref[nn.Module], ModelIndex]] = {}
+    def module(self, name: str) -> nn.Module:
+        self._read()
+        return self._modules[name]
 
+    def find(self, module: nn.Module) -> tuple[int, str] | None:
+        """(position, name) of ``module`` in `named_modules()` order, or None."""
+        self._read()
+        return self._by_id.get(id(module))
 
-def _build_index(model: nn.Module) -> ModelIndex:
-    names: list[str] = []
-    modules: dict[str, nn.Module] = {}
-    order: dict[int, int] = {}
-    by_id: dict[int, str] = {}
-    tree = []
-    for name, module in model.named_modules():
-        order[id(module)] = len(names)
-        by_id[id(module)] = name
-        names.append(name)
-        if name:
-            modules[name] = module
-        tree.append((module._modules, dict(module._modules)))
-    index = ModelIndex(names, modules, order, by_id, tree)
-    key = id(model)
-
-    def forget(ref: weakref.ref[nn.Module], indexes: dict[int, Any] = _INDEX) -> None:
-        # Everything it uses is bound here: at interpreter exit, module globals may be gone.
-        entry = indexes.get(key)
-        if entry is not None and entry[0] is ref:
-            del indexes[key]
-
-    _INDEX[key] = (weakref.ref(model, forget), index)
-    return index
+    def order(self, module: nn.Module) -> int:
+        """``module``'s position in `named_modules()` order (after every module if none)."""
+        found = self.find(module)
+        return len(self.names) if found is None else found[0]
 
 
-def index_of(model: nn.Module, *, fresh: bool = False) -> ModelIndex:
-    """The cached index of ``model``; rebuilt when asked or when it no longer matches."""
-    index = None if fresh else cached_index(model)
-    return _build_index(model) if index is None else index
-
-
-def cached_index(model: nn.Module) -> ModelIndex | None:
-    """The index of ``model`` if one is cached (a cheap lookup, never a rebuild)."""
-    entry = _INDEX.get(id(model))
-    return entry[1] if entry is not None and entry[0]() is model else None
-
-
-def _is_glob(key: str) -> bool:
+def is_glob(key: str) -> bool:
     return "*" in key or "?" in key or "[" in key
 
 
-# One step of a name's path through the module tree: (where the parent keeps the child: its
-# `_modules` or, for an alias attribute, its `__dict__`; the name; the child).
-Link = tuple[dict[str, Any], str, nn.Module]
+class Link(NamedTuple):
+    """One step of a name's path through the module tree."""
+
+    parent: nn.Module
+    part: str
+    child: nn.Module
+    alias: bool  # kept as an instance attribute (``__dict__``), not a registered child
 
 
-def _links(inner: nn.Module, inner_key: str) -> list[Link] | None:
+def path_to(inner: nn.Module, inner_key: str) -> list[Link] | None:
     """The steps that lead from ``inner`` to ``inner_key``, each as its parent keeps it.
 
     A step is what ``getattr`` finds (as `get_submodule` does): a registered child
@@ -171,7 +149,7 @@ def _links(inner: nn.Module, inner_key: str) -> list[Link] | None:
             and part not in state
             and not hasattr(cls, part)
         ):
-            links.append((children, part, child))  # the common case, without getattr
+            links.append(Link(module, part, child, False))  # the common case, without getattr
             module = child
             continue
         if hasattr(cls, part):
@@ -183,24 +161,24 @@ def _links(inner: nn.Module, inner_key: str) -> list[Link] | None:
         if not isinstance(found, nn.Module):
             return None
         if state.get(part) is found:
-            container: dict[str, Any] = state
+            alias = True
         elif children.get(part) is found and part not in state:
-            container = children
+            alias = False
         else:
             return None
-        links.append((container, part, found))
+        links.append(Link(module, part, found, alias))
         module = found
     return links
 
 
-def _submodule(inner: nn.Module, inner_key: str) -> nn.Module | None:
+def submodule(inner: nn.Module, inner_key: str) -> nn.Module | None:
     """``inner.get_submodule(inner_key)``, or None where it raises.
 
     Fast path: follow the steps `_links` finds; anything else takes the slow path.
     """
-    links = _links(inner, inner_key)
+    links = path_to(inner, inner_key)
     if links is not None:
-        return links[-1][2] if links else inner
+        return links[-1].child if links else inner
     try:
         return inner.get_submodule(inner_key)
     except AttributeError:
@@ -208,7 +186,22 @@ def _submodule(inner: nn.Module, inner_key: str) -> nn.Module | None:
 
 
 @lru_cache(maxsize=256)
-def _glob_regex(pattern: str) -> re.Pattern[str]:
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """The regular expression of a glob key.
+
+    Raises:
+        SpecError: The glob is malformed (e.g. a reversed range ``"[z-a]"``).
+    """
+    try:
+        return re.compile(_glob_source(pattern))
+    except re.error as error:
+        raise SpecError(
+            f"the glob {pattern!r} is malformed ({error}); '*' matches one dotted segment, "
+            "'**' any number, '?' one character, '[abc]' / '[a-z]' / '[!a]' one of a set."
+        ) from None
+
+
+def _glob_source(pattern: str) -> str:
     # '*' matches within one dotted segment, '**' any number of whole segments (zero too),
     # '?' one character and '[...]' / '[!...]' one character of a set, never a dot.
     parts: list[str] = []
@@ -220,7 +213,7 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
             continue
         piece = _segment_regex(segment)
         parts.append(piece if last else piece + r"\.")
-    return re.compile("".join(parts) + r"\Z")
+    return "".join(parts) + r"\Z"
 
 
 def _segment_regex(segment: str) -> str:
@@ -320,7 +313,7 @@ def _suggest(key: str, names: list[str], prefix: str = "") -> str:
     return ", ".join(repr(prefix + n) for n in close)
 
 
-def _strip_prefix(key: str, prefix: str) -> tuple[str, str]:
+def strip_prefix(key: str, prefix: str) -> tuple[str, str]:
     """Split the wrapper prefix the user wrote off ``key``: (user_prefix, inner_key)."""
     if not prefix:
         return "", key  # no wrapper: nothing to strip
@@ -345,32 +338,30 @@ def _strip_prefix(key: str, prefix: str) -> tuple[str, str]:
     return user, rest
 
 
-def resolve_key(model: nn.Module, inner: nn.Module, prefix: str, key: object) -> Iterator[Resolved]:
+def resolve_key(model: nn.Module, names: Names, prefix: str, key: object) -> Iterator[Resolved]:
     """Yield the concrete modules a spec key names, in model order.
 
     Args:
         model: The model as the user passed it (possibly wrapped).
-        inner: The unwrapped model (`unwrap`).
+        names: The names of the unwrapped model (`unwrap`), read for this resolution.
         prefix: The wrapper prefix between them.
         key: A dotted name, a glob, or a module object.
 
     Raises:
         LayerNotFoundError: No module matches; the message lists the closest names.
-        SpecError: The key is neither a string nor a module.
+        SpecError: The key is neither a string nor a module, or a malformed glob.
     """
+    inner = names.root
     if isinstance(key, nn.Module):
-        index = index_of(inner)
-        name = index.by_id.get(id(key))
-        if name is None or not index.knows(key, inner):
-            index = index_of(inner, fresh=True)
-            name = index.by_id.get(id(key))
-        if name is None:
+        found = names.find(key)
+        if found is None:
             raise LayerNotFoundError(
                 f"the module {type(key).__name__} given as a spec key is not part of the "
                 f"model {type(model).__name__}; pass a module reached from this model "
                 "(e.g. model.transformer.h[0]) or its dotted name."
             )
-        yield Resolved(name, key, index.order[id(key)], True)
+        position, name = found
+        yield Resolved(name, key, position, True)
         return
     if not isinstance(key, str):
         raise SpecError(
@@ -378,33 +369,36 @@ def resolve_key(model: nn.Module, inner: nn.Module, prefix: str, key: object) ->
             "name from model.named_modules() (e.g. 'transformer.h.0'), a glob "
             "('transformer.h.*'), or a module object."
         )
-    user_prefix, inner_key = _strip_prefix(key, prefix)
-    if not _is_glob(inner_key):
-        module = _submodule(inner, inner_key)
+    user_prefix, inner_key = strip_prefix(key, prefix)
+    if not is_glob(inner_key):
+        module = submodule(inner, inner_key)
         if module is not None:
-            index = index_of(inner)
-            position = index.order.get(id(module))
-            if position is None or not index.knows(module, inner):
-                index = index_of(inner, fresh=True)
-                position = index.order.get(id(module), len(index.names))
-            yield Resolved(user_prefix + inner_key, module, position, True)
+            yield Resolved(user_prefix + inner_key, module, names.order(module), True)
             return
-        names = index_of(inner, fresh=True).names
         raise LayerNotFoundError(
             f"no layer named {key!r} in {type(model).__name__}; closest names: "
-            f"{_suggest(inner_key, names, user_prefix)}. Names come from model.named_modules(); "
-            "use a glob such as 'transformer.h.*' to match several."
+            f"{_suggest(inner_key, names.names, user_prefix)}. Names come from "
+            "model.named_modules(); use a glob such as 'transformer.h.*' to match several."
+            + _bracket_hint(key)
         )
-    regex = _glob_regex(inner_key)
-    index = index_of(inner, fresh=True)
-    found = False
-    for position, name in enumerate(index.names):
+    regex = glob_regex(inner_key)
+    found_any = False
+    for position, name in enumerate(names.names):
         if name and regex.match(name):
-            found = True
-            yield Resolved(user_prefix + name, index.modules[name], position, False)
-    if not found:
+            found_any = True
+            yield Resolved(user_prefix + name, names.module(name), position, False)
+    if not found_any:
         raise LayerNotFoundError(
             f"the glob {key!r} matches no layer of {type(model).__name__} ('*' matches one "
             f"dotted segment, '**' any number); names near it: "
-            f"{_suggest(inner_key.replace('*', '0'), index.names, user_prefix)}."
+            f"{_suggest(inner_key.replace('*', '0'), names.names, user_prefix)}."
+            + _bracket_hint(key)
         )
+
+
+def _bracket_hint(key: str) -> str:
+    """A hint for a key written as Python indexing (``"transformer.h[1]"``)."""
+    if re.search(r"\[\d+\]", key):
+        dotted = re.sub(r"\[(\d+)\]", r".\1", key)
+        return f" Write an index with dots: {dotted!r}."
+    return ""

@@ -16,8 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from hookfn import CompileError, Hook, Trace, TraceMultiple, _sites, add, run_with_hooks
-from hookfn._sites import cached_index
+from hookfn import CompileError, Hook, Trace, TraceMultiple, _plan, add, run_with_hooks
 
 
 def make_net(seed: int = 0) -> nn.Sequential:
@@ -78,15 +77,13 @@ def test_a_hooked_model_is_freed_when_dropped(run: str) -> None:
     del model
     gc.collect()
     assert ref() is None, "the model is still referenced after the runs"
-    assert key not in _sites._INDEX, "the freed model's index was kept"
+    assert key not in _plan._KEPT, "the freed model's index was kept"
 
 
 def test_the_same_keys_run_twice_match_raw_hooks_both_times() -> None:
     model, x = make_net(), torch.randn(2, 6)
     assert_matches_raw(model, x, NAMES)
-    index = cached_index(model)
-    assert index is not None
-    assert tuple(NAMES) in index.plans
+    assert tuple(NAMES) in kept(model)
     assert_matches_raw(model, x, NAMES)
 
 
@@ -142,10 +139,8 @@ def test_the_kept_resolutions_are_bounded() -> None:
             if i != j:
                 _, caches = run_with_hooks(model, x, [str(i), str(j)])
                 assert list(caches) == sorted([str(i), str(j)], key=int)
-    index = cached_index(model)
-    assert index is not None
-    assert 0 < len(index.plans) <= 256
-    assert ("19", "18") in index.plans  # the latest is kept
+    assert 0 < len(kept(model)) <= 256
+    assert ("19", "18") in kept(model)  # the latest is kept
 
 
 def test_sites_given_to_edits_are_right_in_every_run_and_call() -> None:
@@ -209,3 +204,9 @@ def test_a_glob_edit_acts_on_every_match_with_this_runs_value() -> None:
                 h = layer(h) + delta
                 assert torch.allclose(caches[str(list(model).index(layer))].output, h)
         torch.testing.assert_close(out, h)
+
+
+def kept(model: nn.Module) -> dict[tuple[object, ...], object]:
+    """The resolutions kept for ``model``, by tuple of keys."""
+    entry = _plan._KEPT.get(id(model))
+    return {} if entry is None else dict(entry[1])

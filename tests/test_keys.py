@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from hookfn import HookfnError, LayerNotFoundError, SpecError, add, run_with_hooks
-from hookfn._trace import plan
+from hookfn._plan import plan
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"

@@ -1,0 +1,155 @@
+"""The gate every hook passes first: run tokens, the registration lock, backward state, stop.
+
+A run (one ``with`` block, one `run_with_hooks` call) draws a fresh token when it opens. Its
+hooks act only where that token is active: in the context (thread, asyncio task) that opened
+the run, or in the autograd threads of the run's own ``backward=`` pass. Everything else on
+the hook path (`hookfn._hooks`) comes after this test.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import threading
+
+import torch
+
+__all__ = [
+    "ACTIVE",
+    "IN_BACKWARD",
+    "REGISTRY",
+    "Replays",
+    "StopForward",
+    "Stopper",
+    "activate",
+    "deactivate",
+    "graph_task",
+    "new_hook_key",
+    "replaying",
+]
+
+# The run tokens whose hooks may act in the current context. Hooks of a run fire only where
+# its token is active, so a concurrent call on the same model (another thread or asyncio
+# task) never sees them.
+ACTIVE: contextvars.ContextVar[frozenset[object]] = contextvars.ContextVar(
+    "hookfn_active", default=frozenset()
+)
+
+# Serializes hook registration and removal across threads, so that no registration reorders
+# a hook dictionary another one is reading. Never taken on the hook path.
+REGISTRY = threading.RLock()
+
+# Tokens of the runs whose ``backward=`` pass is in progress, each with the ids of the
+# autograd graph tasks of that pass. Activation checkpointing re-runs forwards during
+# backward, on accelerators in autograd worker threads that do not see the run's context;
+# the hooks look here instead. A concurrent backward of another thread runs in another
+# graph task, so its re-runs never see this run's edits.
+IN_BACKWARD: dict[object, set[int]] = {}
+
+graph_task = torch._C._current_graph_task_id
+
+# hookfn inserts its hooks into a module's hook dictionaries directly, under keys of its
+# own: negative numbers, which PyTorch's handles (counting up from 0) never draw, so no
+# registration of another thread can take the same key. ``next`` on a count is atomic.
+_KEYS = itertools.count(-1, -1)
+
+
+def new_hook_key() -> int:
+    """A hook key no other registration, of hookfn or of PyTorch, ever draws."""
+    return next(_KEYS)
+
+
+def activate(token: object) -> contextvars.Token[frozenset[object]]:
+    """Add ``token`` to the runs active in this context; `deactivate` undoes it."""
+    return ACTIVE.set(ACTIVE.get() | {token})
+
+
+def deactivate(token: object, reset: contextvars.Token[frozenset[object]] | None) -> None:
+    """Drop ``token`` from the active set; idempotent.
+
+    The context is reset exactly (``ContextVar.reset``) when nothing changed it since the
+    token was added; otherwise (nested blocks exited out of order, an exit in another
+    context) only this token is dropped, and every other run stays active.
+    """
+    current = ACTIVE.get()
+    if token not in current:
+        return
+    if reset is not None:
+        old = reset.old_value
+        if old is contextvars.Token.MISSING:
+            unchanged = len(current) == 1
+        else:
+            unchanged = len(current) == len(old) + 1 and old <= current
+        if unchanged:
+            try:
+                ACTIVE.reset(reset)
+                return
+            except (ValueError, RuntimeError):
+                pass  # exited in another context than it was entered in
+    ACTIVE.set(current - {token})
+
+
+def replaying(token: object, base: int) -> bool | None:
+    """Which call of a run's hook this is.
+
+    None: not the run's (the gate is closed). False: a forward of the run, in the graph task
+    ``base`` it was opened in. True: a re-run of that forward by activation checkpointing
+    during a backward pass (another graph task, or an autograd worker thread of the run's
+    ``backward=`` pass).
+    """
+    if token in ACTIVE.get():
+        return graph_task() != base
+    tasks = IN_BACKWARD.get(token)
+    if tasks is None or graph_task() not in tasks:
+        return None
+    return True
+
+
+class Replays:
+    """Maps a forward that activation checkpointing re-runs during backward to its first run.
+
+    The re-run applies the edits again, with the `Site` of the call it replays, and records
+    nothing. A module called once per forward replays call 0; a module called several times
+    is matched in the order backward re-runs checkpointed segments, the last one first.
+    """
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+
+    def call(self, calls: int) -> int:
+        if calls <= 1:
+            return 0
+        task = graph_task()
+        replayed = self.seen.get(task, 0)
+        self.seen[task] = replayed + 1
+        return calls - 1 - replayed % calls
+
+
+class StopForward(BaseException):
+    """Raised inside the forward pass once every requested capture is taken (``stop_early``).
+
+    It derives from `BaseException` so that a model's own ``except Exception`` cannot swallow
+    it. The run that raised it catches it: `run_with_hooks` returns, a ``with`` block ends
+    normally.
+    """
+
+    def __init__(self, token: object) -> None:
+        super().__init__("hookfn: every requested capture was taken; forward stopped early")
+        self.token = token
+
+
+class Stopper:
+    """Counts the sites that still have to record their first call (``stop_early``)."""
+
+    __slots__ = ("pending", "token")
+
+    def __init__(self, token: object, sites: int) -> None:
+        self.token = token
+        self.pending = sites
+
+    def site_done(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            raise StopForward(self.token)

@@ -1,0 +1,387 @@
+"""The hook path: what runs on every call of a hooked module.
+
+One site of one run is a `Recorder`. Its body has two steps, each a hook on the module:
+
+1. **edit** (`Recorder.edit_output`, `Recorder.edit_input`): the gate, then the edit. It is
+   put in front of the module's other hooks, so that they (a user's hook, the ones
+   transformers records ``hidden_states`` with, TransformerLens' own) see the edited value.
+   Nested runs keep their order: an inner run's edit runs after, and sees, an outer one's.
+2. **after** (`Recorder.after_output`, `Recorder.after_input`): the gate, then gradient
+   tracking, then the record. It is put after the module's other hooks, so a capture holds
+   what the rest of the model receives, also where another hook changed the value after
+   the edit.
+
+A site registers only the steps its `Hook` needs; a site that only captures its output with
+the default copy takes the shortest path, `Recorder.record`. The forward hook and the
+pre-hook are thin adapters around the same two steps (`_edit`, `_after`), which keep one
+stop-early rule: a site is done when its last forward record of its first call is taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import get_gradient_edge as gradient_edge
+
+from ._capture import PLAIN_COPY, Args, copy_value, make_copier, primary, replace_primary
+from ._edits import Edit, check_result
+from ._errors import EditError, HookfnError
+from ._gate import ACTIVE, Replays, Stopper, graph_task, new_hook_key, replaying
+from ._hook import Hook
+from ._site import Site, SiteKind
+
+__all__ = ["Recorder"]
+
+# Keys of the edit steps in front of a module's hooks (see `_insert`).
+_HEADS: set[int] = set()
+
+
+class _Side:
+    """One side of a site, its output or its input: what to do there, and what it recorded."""
+
+    __slots__ = (
+        "alias",
+        "calls",
+        "edit",
+        "edit_calls",
+        "edit_grad",
+        "grad_kind",
+        "grads",
+        "keep",
+        "keep_grad",
+        "kind",
+        "records",
+        "replays",
+        "sites",
+        "stops",
+    )
+
+    def __init__(
+        self,
+        kind: SiteKind,
+        grad_kind: SiteKind,
+        edit: Edit | None,
+        keep: bool,
+        keep_grad: bool,
+        edit_grad: Edit | None,
+        alias: bool,
+    ) -> None:
+        self.kind: SiteKind = kind
+        self.grad_kind: SiteKind = grad_kind
+        self.edit = edit
+        self.keep = keep
+        self.keep_grad = keep_grad
+        self.edit_grad = edit_grad
+        # A gradient is taken on a fresh alias of the tensor (the input: the gradient into
+        # this module alone), or on the tensor itself (the output: what flows back into it).
+        self.alias = alias
+        self.records: list[Any] = []
+        self.grads: list[Tensor | None] = []
+        self.calls = 0  # calls the after step saw
+        self.edit_calls = 0  # calls the edit step saw
+        self.replays: Replays | None = None
+        self.sites: list[Site] = []
+        self.stops = False  # this side's first record completes the site (stop_early)
+
+    @property
+    def wants_grad(self) -> bool:
+        return self.keep_grad or self.edit_grad is not None
+
+
+class Recorder:
+    """The hooks of one site for one run, and what they recorded.
+
+    Args:
+        name: The site's layer name.
+        module: The hooked module.
+        hook: What to do there.
+        token: The run's token (see `hookfn._gate`).
+        base: The autograd graph task the run was opened in.
+        stopper: Counts the sites left to record (``stop_early``), or None.
+        grad_targets: Where gradient tracking leaves the edges a ``backward=`` pass needs.
+    """
+
+    __slots__ = (
+        "base",
+        "copy",
+        "grad_targets",
+        "hook",
+        "inp",
+        "keep_objects",
+        "keys",
+        "module",
+        "name",
+        "out",
+        "stopper",
+        "token",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        hook: Hook,
+        token: object,
+        base: int,
+        stopper: Stopper | None,
+        grad_targets: list[GradientEdge],
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.hook = hook
+        self.token = token
+        self.base = base
+        self.stopper = stopper
+        self.grad_targets = grad_targets
+        self.copy = (
+            PLAIN_COPY
+            if hook.plain_copy
+            else make_copier(hook.detach, hook.clone, hook.device, hook.dtype)
+        )
+        self.keep_objects = not hook.clone
+        self.out = _Side(
+            "output", "grad_output", hook.edit, hook.output, hook.grad, hook.edit_grad, False
+        )
+        self.inp = _Side(
+            "input", "grad_input", hook.edit_input, hook.input, hook.grad_input, None, True
+        )
+        if stopper is not None:
+            (self.out if hook.output else self.inp).stops = True
+        self.keys: list[int] = []  # of the hooks this recorder inserted
+
+    # -- registration (the caller holds `hookfn._gate.REGISTRY`) -------------------------
+
+    def register(self) -> None:
+        """Insert the steps the hook needs. On an error or interrupt part of them may be in
+        place: `remove` finds every one (a key is recorded before its hook is inserted)."""
+        hook = self.hook
+        module = self.module
+        if hook.edits_input:
+            self._insert(module._forward_pre_hooks, self.edit_input, head=True, kwargs=True)
+        if hook.after_input:
+            self._insert(module._forward_pre_hooks, self.after_input, head=False, kwargs=True)
+        if hook.edits_output:
+            self._insert(module._forward_hooks, self.edit_output, head=True)
+        if hook.captures_only and hook.plain_copy:
+            self._insert(module._forward_hooks, self.record, head=False)
+        elif hook.after_output:
+            self._insert(module._forward_hooks, self.after_output, head=False)
+
+    def _insert(
+        self, hooks: dict[int, Any], fn: Callable[..., Any], *, head: bool, kwargs: bool = False
+    ) -> None:
+        key = new_hook_key()
+        self.keys.append(key)
+        if kwargs:
+            self.module._forward_pre_hooks_with_kwargs[key] = True
+        hooks[key] = fn
+        if head:
+            _HEADS.add(key)
+            if len(hooks) > 1:
+                _put_first(hooks, key)
+
+    def remove(self) -> None:
+        """Remove every hook `register` inserted; idempotent, and resumable after an
+        interrupt (a key leaves the list only once its hook is gone)."""
+        keys = self.keys
+        module = self.module
+        while keys:
+            key = keys[-1]
+            module._forward_hooks.pop(key, None)
+            module._forward_pre_hooks.pop(key, None)
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+            _HEADS.discard(key)
+            keys.pop()
+
+    # -- the adapters ----------------------------------------------------------------
+
+    def record(self, module: nn.Module, args: Any, output: Any) -> None:
+        """The after step of a site that only captures its output with the default copy.
+
+        A checkpointed forward re-run during backward (another graph task, or an autograd
+        worker thread where the token is not active) records nothing, so one test covers
+        every case where this hook must not act.
+        """
+        if self.token in ACTIVE.get() and graph_task() == self.base:
+            records = self.out.records
+            if type(output) is Tensor:
+                records.append(output.detach().clone())
+            else:
+                records.append(copy_value(PLAIN_COPY, output, False))
+            if self.stopper is not None and len(records) == 1:
+                self.stopper.site_done()
+
+    def edit_output(self, module: nn.Module, args: Any, output: Any) -> Any:
+        return self._edit(self.out, output)
+
+    def after_output(self, module: nn.Module, args: Any, output: Any) -> Any:
+        return self._after(self.out, output)
+
+    # ``kwargs`` has a default: a call on another thread that took its snapshot of the hooks
+    # as this run removed its own may call the hook without them; the gate then returns.
+    def edit_input(self, module: nn.Module, args: Any, kwargs: Any = None) -> Any:
+        new = self._edit(self.inp, Args._of(args, kwargs))
+        return None if new is None else (new.args, new.kwargs)
+
+    def after_input(self, module: nn.Module, args: Any, kwargs: Any = None) -> Any:
+        new = self._after(self.inp, Args._of(args, kwargs))
+        return None if new is None else (new.args, new.kwargs)
+
+    # -- the two steps ---------------------------------------------------------------
+
+    def _edit(self, side: _Side, value: Any) -> Any:
+        """The gate, then the edit: the new value, or None for unchanged."""
+        if self.token in ACTIVE.get() and graph_task() == self.base:
+            call = side.edit_calls
+            side.edit_calls = call + 1
+        elif replaying(self.token, self.base) is None:
+            return None
+        else:
+            # Activation checkpointing re-runs this forward during backward: apply the edit
+            # again, identically, with the site of the call it replays.
+            if side.replays is None:
+                side.replays = Replays()
+            call = side.replays.call(side.edit_calls)
+        x = value if type(value) is Tensor else primary(value)
+        if x is None:
+            raise _no_primary(self.name, side.kind, value)
+        edit: Any = side.edit
+        site = self._site(side, side.sites, side.kind, call)
+        try:
+            y = check_result(x, edit(x, site))
+        except HookfnError as error:
+            raise in_context(error, edit, site) from None
+        if y is x:
+            return None
+        return y if type(value) is Tensor else replace_primary(value, y)
+
+    def _after(self, side: _Side, value: Any) -> Any:
+        """The gate, then gradient tracking and the record: a new value (a tensor made to
+        track gradients), or None for unchanged. Re-runs by checkpointing do nothing."""
+        if not (self.token in ACTIVE.get() and graph_task() == self.base):
+            return None
+        call = side.calls
+        side.calls = call + 1
+        result = None
+        if side.keep_grad or side.edit_grad is not None:
+            tracked = self._track(side, value, call)
+            if tracked is not None:
+                value = result = tracked
+        if side.keep:
+            records = side.records
+            if side.kind == "output" and type(value) is Tensor:
+                records.append(self.copy(value))
+            else:
+                records.append(copy_value(self.copy, value, self.keep_objects))
+            if call == 0 and side.stops:
+                self.stopper.site_done()  # type: ignore[union-attr]
+        return result
+
+    def _track(self, side: _Side, value: Any, call: int) -> Any:
+        """Put a gradient hook on ``value``'s primary tensor; the value to pass on if the
+        tensor had to be replaced (a leaf made to require grad, or an alias)."""
+        grads = side.grads
+        slot = len(grads)
+        grads.append(None)
+        tensor = value if type(value) is Tensor else primary(value)
+        if tensor is None or not torch.is_grad_enabled():
+            return None
+        new = None
+        if side.alias or not tensor.requires_grad:
+            # A fresh alias: the gradient into this module alone, not the total of every
+            # consumer of the tensor; a leaf where nothing upstream requires grad (a frozen
+            # model), so the graph starts here.
+            new = tensor.view_as(tensor) if tensor.requires_grad else _leaf(tensor)
+            if new is None:
+                return None
+            tensor = new
+        site = self._site(side, [], side.grad_kind, call)
+        tensor.register_hook(  # type: ignore[no-untyped-call]
+            _gradient_hook(grads, slot, side.edit_grad, site, side.keep_grad, self.copy)
+        )
+        self.grad_targets.append(gradient_edge(tensor))
+        return None if new is None else replace_primary(value, new)
+
+    def _site(self, side: _Side, sites: list[Site], kind: SiteKind, call: int) -> Site:
+        if call < len(sites):
+            return sites[call]
+        site = Site(self.name, call=call, kind=kind, module=self.module)
+        if call == len(sites):
+            sites.append(site)
+        return site
+
+    # -- results -----------------------------------------------------------------------
+
+    @property
+    def called(self) -> bool:
+        """Whether the module ran (an edit step or an after step saw a call)."""
+        return bool(
+            self.out.edit_calls or self.out.calls or self.inp.edit_calls or self.inp.calls
+        ) or bool(self.out.records)
+
+
+def _gradient_hook(
+    grads: list[Tensor | None],
+    slot: int,
+    edit: Edit | None,
+    site: Site,
+    keep: bool,
+    copy: Callable[[Tensor], Tensor],
+) -> Callable[[Tensor], Tensor | None]:
+    # A closure over the records, not the recorder: the graph that holds it then holds no
+    # reference back to the run.
+    def on_grad(grad: Tensor) -> Tensor | None:
+        new = None
+        if edit is not None:
+            try:
+                new = grad = check_result(grad, edit(grad, site))
+            except HookfnError as error:
+                raise in_context(error, edit, site) from None
+        if keep:
+            grads[slot] = copy(grad)
+        return new
+
+    return on_grad
+
+
+def _leaf(tensor: Tensor) -> Tensor | None:
+    """A leaf copy of ``tensor`` that requires grad, or None where no gradient can flow."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return None
+    try:
+        return tensor.detach().requires_grad_()
+    except RuntimeError:  # inside a torch.func transform, which tracks gradients itself
+        return None
+
+
+def _put_first(hooks: dict[int, Any], key: int) -> None:
+    """Move ``key`` in front of every hook but the edit steps inserted before it."""
+    move = getattr(hooks, "move_to_end", None)
+    if move is None:
+        return
+    earlier = [k for k in hooks if k in _HEADS and k != key]
+    move(key, last=False)
+    for k in reversed(earlier):
+        move(k, last=False)
+
+
+def in_context(error: HookfnError, edit: object, site: Site) -> HookfnError:
+    """``error``, raised inside an edit, with the edit and the site it ran at in front."""
+    text = f"the edit {edit!r} at layer {site.name!r} ({site.kind}, call {site.call}): {error}"
+    try:
+        new = type(error)(text)
+    except Exception:
+        new = EditError(text)
+    return new.with_traceback(error.__traceback__)
+
+
+def _no_primary(name: str, kind: str, value: object) -> EditError:
+    return EditError(
+        f"cannot edit the {kind} of layer {name!r}: it is a {type(value).__name__} with no "
+        "primary tensor (a tensor, or a tuple/list/mapping whose first item is a tensor). "
+        "Hook a submodule that produces a tensor instead."
+    )

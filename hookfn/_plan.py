@@ -1,0 +1,331 @@
+"""The plan: a spec normalized and its keys resolved to the model's modules, as a value.
+
+`make_plan` turns ``(model, spec)`` into a `Plan`: every site with its `Hook`, in model
+order, and the modules a call passes through on the way to them. Later stages read a plan
+and never write into it.
+
+Resolving keys walks the module tree; a run that repeats the keys of an earlier one reuses
+that resolution while it still holds. A kept resolution holds only weak references, and no
+spec values (edits, the caches and tensors they hold): hooks are made from each run's own
+spec. It still holds while every parent on the way to every site has the same children
+under the same names, in the same order, as when it was made (for a glob, every module of
+the model), which each run checks before using it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Union
+
+from torch import nn
+from typing_extensions import TypeAlias
+
+from ._compile import enclosing
+from ._errors import SpecError
+from ._hook import CAPTURE, Hook, SpecValue, to_hook
+from ._keys import Names, is_glob, path_to, resolve_key, unwrap
+
+__all__ = ["Plan", "Planned", "Spec", "make_plan", "plan"]
+
+# Keys are `str | nn.Module`, typed `Any`: Mapping is invariant in its key type, so a precise
+# key type would reject a plain `dict[str, ...]` literal. Keys are checked when planned.
+Spec: TypeAlias = Union[
+    Mapping[Any, SpecValue],
+    Sequence[Union[str, nn.Module]],
+    str,
+    nn.Module,
+]
+"""A spec: a mapping from layer keys to spec values, or keys alone (capture only)."""
+
+
+class Planned(NamedTuple):
+    """One site of a plan: a concrete module, its name, and what to do there."""
+
+    name: str
+    module: nn.Module
+    hook: Hook
+    order: int  # position in `named_modules()` order
+
+
+class Plan(NamedTuple):
+    """A resolved spec: its sites in model order, and the modules around them.
+
+    ``around`` lists ``(label, module, is_site)`` for the modules a call of the model passes
+    through on its way to the sites, outermost first (see `hookfn._compile.enclosing`).
+    """
+
+    sites: tuple[Planned, ...]
+    around: tuple[tuple[str, nn.Module, bool], ...]
+
+    @property
+    def parallels(self) -> list[nn.Module]:
+        """The ``DataParallel`` modules around the sites (their threads must see the run)."""
+        return [m for _, m, _ in self.around if isinstance(m, nn.DataParallel)]
+
+
+EMPTY = Plan((), ())
+
+
+def plan(model: nn.Module, spec: object) -> tuple[Planned, ...]:
+    """The sites of ``spec`` on ``model``, resolved and validated, in model order.
+
+    Exact names (and module objects) win over globs that match the same module; two globs,
+    or two exact keys, that reach the same module are an error.
+
+    Raises:
+        HookfnError: A key names no module, a value is not understood, or two keys clash.
+    """
+    return make_plan(model, spec).sites
+
+
+def _items(spec: object) -> list[tuple[object, object]]:
+    if isinstance(spec, Mapping):
+        return list(spec.items())
+    if isinstance(spec, (str, nn.Module)):
+        return [(spec, "capture")]
+    if isinstance(spec, (list, tuple, set, frozenset)):
+        return [(key, "capture") for key in spec]
+    raise SpecError(
+        f"the spec is a {type(spec).__name__}; pass a mapping {{layer: value}} "
+        "(e.g. {'transformer.h.0': 'capture'}) or a list of layer names to capture."
+    )
+
+
+def make_plan(model: nn.Module, spec: object) -> Plan:
+    """Resolve and validate a whole spec before anything is registered (see `plan`)."""
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"expected a torch.nn.Module as the model, got {type(model).__name__}.")
+    kind = type(spec)
+    if kind is dict or kind is list or kind is tuple:
+        given: Any = spec
+        if not given:
+            return EMPTY
+        keys = tuple(given)
+        kept = _kept(model, keys)
+        if kept is not None:
+            found = kept.get()
+            if found is not None:
+                entries, around = found
+                values = list(given.values()) if kind is dict else None
+                return Plan(_with_hooks(entries, values, keys), around)
+        items = list(given.items()) if kind is dict else [(key, "capture") for key in given]
+    else:
+        items = _items(spec)
+        if not items:
+            return EMPTY
+        keys = tuple(key for key, _ in items)
+    return _resolve(model, items, keys)
+
+
+def _with_hooks(
+    entries: Sequence[tuple[int, str, nn.Module, int]],
+    values: list[object] | None,
+    keys: tuple[object, ...],
+) -> tuple[Planned, ...]:
+    """A kept resolution's sites, with the hooks of this run's spec values."""
+    if values is None:
+        return tuple(Planned(name, module, CAPTURE, order) for _, name, module, order in entries)
+    made: dict[int, Hook] = {}  # a glob's hook, made once for all its matches
+    planned = []
+    for position, name, module, order in entries:
+        hook = made.get(position)
+        if hook is None:
+            hook = made[position] = to_hook(values[position], str(keys[position]))
+        planned.append(Planned(name, module, hook, order))
+    return tuple(planned)
+
+
+def _resolve(
+    model: nn.Module, items: list[tuple[object, object]], keys: tuple[object, ...]
+) -> Plan:
+    inner, prefix = unwrap(model)
+    names = Names(inner)
+    # id(module) -> (name, module, order, explicit, hook, key, position of the key)
+    chosen: dict[int, tuple[str, nn.Module, int, bool, Hook, object, int]] = {}
+    # Kept only when every key is a name or a glob of an unwrapped model (a module object
+    # as a key would be held by the kept entry).
+    keep = not prefix
+    globbed = False
+    for position, (key, value) in enumerate(items):
+        hook = to_hook(value, key if isinstance(key, str) else type(key).__name__)
+        if type(key) is not str or not key:
+            keep = False
+        elif is_glob(key):
+            globbed = True
+        for found in resolve_key(model, names, prefix, key):
+            previous = chosen.get(id(found.module))
+            if previous is not None:
+                if previous[3] == found.explicit:
+                    raise SpecError(
+                        f"layer {found.name!r} is named by two spec keys, {previous[5]!r} "
+                        f"and {key!r}; give it one entry (combine edits with >>)."
+                    )
+                if previous[3]:
+                    continue  # an exact name wins over a glob's match
+            chosen[id(found.module)] = (
+                found.name,
+                found.module,
+                found.order,
+                found.explicit,
+                hook,
+                key,
+                position,
+            )
+    picked = sorted(chosen.values(), key=lambda entry: entry[2])
+    sites = tuple(Planned(name, module, hook, order) for name, module, order, _, hook, *_ in picked)
+    around = tuple(enclosing(model, [(p.name, p.module) for p in sites]))
+    if keep and all(p.module is not model for p in sites):
+        entries = [(position, name, module, order) for name, module, order, *_, position in picked]
+        _keep(model, keys, _Kept.make(inner, entries, around, globbed))
+    return Plan(sites, around)
+
+
+class _Kept:
+    """A resolution of one tuple of keys on one model, kept for later runs (weakly)."""
+
+    __slots__ = ("around", "checks", "entries")
+
+    def __init__(
+        self,
+        entries: tuple[tuple[int, str, weakref.ref[nn.Module], int], ...],
+        around: tuple[tuple[str, weakref.ref[nn.Module], bool], ...],
+        checks: tuple[_Check, ...],
+    ) -> None:
+        self.entries = entries
+        self.around = around
+        self.checks = checks
+
+    @classmethod
+    def make(
+        cls,
+        inner: nn.Module,
+        entries: list[tuple[int, str, nn.Module, int]],
+        around: tuple[tuple[str, nn.Module, bool], ...],
+        globbed: bool,
+    ) -> _Kept:
+        ref = weakref.ref
+        if globbed:  # a glob's matches depend on every module of the model
+            checks = tuple(_Check.of(module, module._modules, False) for module in inner.modules())
+        else:
+            steps: dict[tuple[int, bool], dict[str, nn.Module]] = {}
+            parents: dict[int, nn.Module] = {}
+            for _, name, _, _ in entries:
+                for link in path_to(inner, name) or ():
+                    parents[id(link.parent)] = link.parent
+                    steps.setdefault((id(link.parent), link.alias), {})[link.part] = link.child
+            checks = tuple(
+                _Check.of(parents[parent], children, alias)
+                for (parent, alias), children in steps.items()
+            )
+        return cls(
+            tuple(
+                (position, name, ref(module), order) for position, name, module, order in entries
+            ),
+            tuple((label, ref(module), is_site) for label, module, is_site in around),
+            checks,
+        )
+
+    def get(
+        self,
+    ) -> (
+        tuple[list[tuple[int, str, nn.Module, int]], tuple[tuple[str, nn.Module, bool], ...]] | None
+    ):
+        """The sites and the modules around them, or None where the model changed since."""
+        for check in self.checks:
+            if not check.holds():
+                return None
+        entries = []
+        for position, name, ref, order in self.entries:
+            module = ref()
+            if module is None:
+                return None
+            entries.append((position, name, module, order))
+        around = []
+        for label, ref, is_site in self.around:
+            module = ref()
+            if module is None:
+                return None
+            around.append((label, module, is_site))
+        return entries, tuple(around)
+
+
+class _Check:
+    """One parent's children as they were: its names in order, and the children on a path."""
+
+    __slots__ = ("alias", "children", "names", "parent")
+
+    def __init__(
+        self,
+        parent: weakref.ref[nn.Module],
+        names: tuple[str, ...] | None,
+        children: tuple[tuple[str, weakref.ref[nn.Module]], ...],
+        alias: bool,
+    ) -> None:
+        self.parent = parent
+        self.names = names
+        self.children = children
+        self.alias = alias
+
+    @classmethod
+    def of(cls, parent: nn.Module, children: Mapping[str, Any], alias: bool) -> _Check:
+        return cls(
+            weakref.ref(parent),
+            None if alias else tuple(parent._modules),
+            tuple(
+                (part, weakref.ref(child)) for part, child in children.items() if child is not None
+            ),
+            alias,
+        )
+
+    def holds(self) -> bool:
+        parent = self.parent()
+        if parent is None:
+            return False
+        if self.alias:
+            where: Mapping[str, Any] = parent.__dict__
+        else:
+            where = parent._modules
+            if tuple(where) != self.names:  # a child added, removed, renamed or moved
+                return False
+        return all(where.get(part) is child() for part, child in self.children)
+
+
+# id(model) -> (a weak reference to the model, its kept resolutions by tuple of keys). Keyed
+# by id, with a weak reference whose callback drops the entry when the model is freed.
+_KEPT: dict[int, tuple[weakref.ref[nn.Module], dict[tuple[object, ...], _Kept]]] = {}
+_KEPT_LOCK = threading.Lock()
+_MAX_KEPT = 256  # per model; the oldest half is dropped beyond it
+
+
+def _kept(model: nn.Module, keys: tuple[object, ...]) -> _Kept | None:
+    entry = _KEPT.get(id(model))
+    if entry is None or entry[0]() is not model:
+        return None
+    try:
+        return entry[1].get(keys)
+    except TypeError:  # an unhashable key: the general path reports it
+        return None
+
+
+def _keep(model: nn.Module, keys: tuple[object, ...], kept: _Kept) -> None:
+    key = id(model)
+    with _KEPT_LOCK:
+        entry = _KEPT.get(key)
+        if entry is None or entry[0]() is not model:
+
+            def forget(ref: weakref.ref[nn.Module], table: dict[int, Any] = _KEPT) -> None:
+                # (everything it uses is bound here: at exit, module globals may be gone)
+                found = table.get(key)
+                if found is not None and found[0] is ref:
+                    del table[key]
+
+            entry = _KEPT[key] = (weakref.ref(model, forget), {})
+        plans = entry[1]
+        if len(plans) >= _MAX_KEPT:
+            for old in list(plans)[: _MAX_KEPT // 2]:
+                del plans[old]
+        with contextlib.suppress(TypeError):  # an unhashable key is not kept
+            plans[keys] = kept
