@@ -33,6 +33,7 @@ wiring is broken.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -60,6 +61,8 @@ SIDE_FILES = (
 CUDA_TESTS_TIMEOUT_S = 270
 SIDE_TESTS_TIMEOUT_S = 90
 CPU_TESTS_TIMEOUT_S = 120
+TOTAL_BUDGET_S = 450  # the figures take about 90 s in full, 40 s short
+SHORT_FIGURES_BELOW_S = 150
 
 
 class Log:
@@ -97,12 +100,16 @@ def parse_junit(path: Path) -> dict[str, Any]:
     for suite in suites:
         for key in counts:
             counts[key] += int(suite.get(key, 0))
-    failed = []
+    failed, outcomes = [], {}
     for case in root.iter("testcase"):
+        test_id = f"{case.get('classname')}::{case.get('name')}"
         if case.find("failure") is not None or case.find("error") is not None:
-            failed.append(f"{case.get('classname')}::{case.get('name')}")
+            failed.append(test_id)
+        for prop in case.iter("property"):
+            if prop.get("name") == "outcome":  # tests/test_cuda_compile.py: hooked or refused
+                outcomes[test_id] = prop.get("value", "")
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return {**counts, "passed": passed, "failed_ids": failed}
+    return {**counts, "passed": passed, "failed_ids": failed, "outcomes": outcomes}
 
 
 def run_pytest(
@@ -163,8 +170,12 @@ def tests_failed(result: dict[str, Any]) -> bool:
     return result.get("returncode") != 0 or bool(result.get("failures") or result.get("errors"))
 
 
-def run_figures(cuda: bool, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(machine, figures); a figure that raised holds ``{"error": ...}``."""
+def run_figures(cuda: bool, log: Log, seconds_left: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(machine, figures); a figure that raised holds ``{"error": ...}``.
+
+    With less than ``SHORT_FIGURES_BELOW_S`` left of the whole run, the figures are timed in
+    fewer rounds (``"short": true`` in the JSON).
+    """
     try:
         import gpu_bench
     except Exception as error:  # an import error of hookfn itself shows here
@@ -172,6 +183,10 @@ def run_figures(cuda: bool, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
         return {}, {"import": {"error": f"{type(error).__name__}: {error}"}}
     sizes = gpu_bench.CUDA_SIZES if cuda else gpu_bench.CPU_SIZES
     machine = gpu_bench.machine(sizes)
+    if cuda and seconds_left < SHORT_FIGURES_BELOW_S:
+        sizes = dataclasses.replace(sizes, pair_time=1.0, min_rounds=10, sweep_rounds=1)
+        machine["short"] = True
+        log.say(f"  only {seconds_left:.0f} s left: the figures are timed in fewer rounds")
     figures: dict[str, Any] = {}
     try:
         bench = gpu_bench.build(sizes)
@@ -322,6 +337,13 @@ def report(results: dict[str, Any]) -> str:
             f"  {label}: {counts} in {run['duration_s']} s (rc {run['returncode']}){extra}"
         )
         lines.extend(f"    FAILED {test}" for test in run.get("failed_ids", [])[:10])
+        outcomes = list(run.get("outcomes", {}).values())
+        if outcomes:
+            refused = sum(o.startswith("refused") for o in outcomes)
+            lines.append(
+                f"    torch.compile on CUDA: {len(outcomes) - refused} hooked runs right, "
+                f"{refused} refused with CompileError"
+            )
     lines.append("figures:")
     lines.extend(_figure_lines(results["figures"]))
     lines.append("goals:")
@@ -406,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["failures"].append(f"pytest {label} (see the log)")
 
     log.say("figures ...")
-    machine, figures = run_figures(cuda, log)
+    machine, figures = run_figures(cuda, log, TOTAL_BUDGET_S - (time.perf_counter() - start))
     results["machine"] = machine
     results["figures"] = figures
     results["failures"].extend(
