@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-installed
 
-.PHONY: demo test lint typecheck unit docs bench
+.PHONY: demo test lint typecheck unit docs bench gpu
 
 # TransformerLens for its tests, without the training stack its full requirements bring
 # (wandb, sentencepiece, ...): the set below is what importing TransformerBridge needs.
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python -m hookfn.demo
 
-test: lint typecheck unit docs bench
+test: lint typecheck unit docs bench gpu
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -46,3 +46,16 @@ bench: $(STAMP)
 		--benchmark-min-rounds=5 --benchmark-max-time=0.2 --bench-pair-time=1.5 \
 		--benchmark-json=.benchmarks/quick.json
 	$(BIN)/python benchmarks/report.py .benchmarks/quick.json --gate
+
+# The GPU check (docs/benchmarks.md, "GPU"): the CUDA tests and the GPU figures, into OUT
+# (gpu_check.log, gpu_check.json). On a CUDA machine, run it with that machine's python3:
+# no venv, no install (`make gpu OUT=<dir>`, or `python3 benchmarks/gpu/gpu_check.py <dir>`
+# where make is missing). Without CUDA it checks its own wiring on a tiny model on the CPU,
+# says so, and exits 0: `make test` runs that mode. The venv's python where there is one.
+GPU_PYTHON ?=
+OUT ?= .benchmarks/gpu
+gpu:
+	@py="$(GPU_PYTHON)"; \
+	if [ -z "$$py" ]; then if [ -x $(BIN)/python ]; then py=$(BIN)/python; else py=python3; fi; fi; \
+	echo "$$py benchmarks/gpu/gpu_check.py $(OUT)"; \
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" "$$py" benchmarks/gpu/gpu_check.py "$(OUT)"
