@@ -230,11 +230,11 @@ def paired(
 
 
 def _ratio(a: float, a_se: float, b: float, b_se: float) -> tuple[float | None, float | None]:
-    """a / b with its standard error (first order); None where b is not above zero."""
-    if b <= 0:
+    """a / b with its standard error (first order); None where either is not above zero."""
+    if a <= 0 or b <= 0:
         return None, None
     ratio = a / b
-    relative = ((a_se / a) ** 2 if a else 0.0) + (b_se / b) ** 2
+    relative = (a_se / a) ** 2 + (b_se / b) ** 2
     return ratio, abs(ratio) * relative**0.5
 
 
