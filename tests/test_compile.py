@@ -234,3 +234,34 @@ def test_submodule_compiled_in_place(data: tuple[Tensor, Tensor]):
 
 def test_compile_error_is_a_hookfn_error():
     assert issubclass(CompileError, HookfnError)
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+
+
+@pytest.mark.parametrize("where", ["root", "ancestor", "site"])
+def test_a_forward_replaced_by_a_compiled_function_is_refused(where: str) -> None:
+    model = _net()
+    target = {"root": model, "ancestor": model[1], "site": model[1][0]}[where]
+    target.forward = torch.compile(target.forward, backend="eager")  # type: ignore[method-assign]
+    x = torch.randn(2, 4)
+    with pytest.raises(CompileError, match="compiled function"):
+        run_with_hooks(model, x, {"1.0": add(1.0)})
+    with pytest.raises(CompileError, match="compiled function"):
+        TraceMultiple(model, {"1.0": add(1.0)})
+    assert all(not m._forward_hooks for m in model.modules())
+    del target.forward  # the eager forward is back: the edit acts
+    out, _ = run_with_hooks(model, x, {"1.0": add(1.0)})
+    with torch.no_grad():
+        torch.testing.assert_close(out, model[1][1](model[1][0](model[0](x)) + 1.0))
+
+
+def test_layers_accepts_a_compiled_model() -> None:
+    from hookfn import layers
+
+    model = _net()
+    table = layers(torch.compile(model, backend="eager"), torch.randn(2, 4))
+    assert table.names == ["0", "1", "1.0", "1.1"]
+    assert table[0].shape == (2, 4)

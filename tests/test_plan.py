@@ -14,9 +14,20 @@ from typing import Any
 
 import pytest
 import torch
+from reference import raw_hooks, raw_run
 from torch import Tensor, nn
 
-from hookfn import CompileError, Hook, Trace, TraceMultiple, _plan, add, run_with_hooks
+from hookfn import (
+    CompileError,
+    Hook,
+    LayerNotFoundError,
+    Trace,
+    TraceMultiple,
+    _plan,
+    add,
+    patch_from,
+    run_with_hooks,
+)
 
 
 def make_net(seed: int = 0) -> nn.Sequential:
@@ -28,20 +39,9 @@ def make_net(seed: int = 0) -> nn.Sequential:
 
 def raw_outputs(model: nn.Module, x: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
     """The reference: plain forward hooks storing clones."""
-    store: dict[str, Tensor] = {}
-    handles = []
-    for name in names:
-
-        def hook(module: nn.Module, args: Any, out: Tensor, name: str = name) -> None:
-            store[name] = out.detach().clone()
-
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
+    with raw_hooks(model, capture=names) as store:
         out = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out, store
+    return out, {name: values[0] for name, values in store.items()}
 
 
 NAMES = ["0", "1.0", "1.1", "2"]
@@ -210,3 +210,98 @@ def kept(model: nn.Module) -> dict[tuple[object, ...], object]:
     """The resolutions kept for ``model``, by tuple of keys."""
     entry = _plan._KEPT.get(id(model))
     return {} if entry is None else dict(entry[1])
+
+
+# -- a kept resolution follows the live module tree --------------------------------------
+
+
+def test_del_on_a_sequential_hooks_the_layer_the_name_means_now() -> None:
+    model, x = make_net(), torch.randn(2, 6)
+    model = nn.Sequential(*model, nn.Linear(3, 3))
+    run_with_hooks(model, x, ["1", "3"])
+    del model[0]  # renumbers: "1" is now the old "2", and "3" no longer exists
+    with pytest.raises(LayerNotFoundError, match="'3'"):
+        run_with_hooks(model, torch.randn(2, 6), ["1", "3"])
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        out, caches = run_with_hooks(model, x, ["1", "2"])
+    ref_out, ref = raw_run(model, x, capture=["1", "2"])
+    torch.testing.assert_close(out, ref_out)
+    for name in ("1", "2"):
+        torch.testing.assert_close(caches[name].output, ref[name])
+
+
+def test_del_on_a_transformers_module_list_hooks_the_layer_the_name_means_now() -> None:
+    from conftest import make_tiny_gpt2
+
+    model = make_tiny_gpt2(n_layer=3).eval()
+    ids = torch.randint(0, 50, (1, 5))
+    names = ["transformer.h.0", "transformer.h.1"]
+    run_with_hooks(model, ids, names)
+    del model.transformer.h[0]
+    with torch.no_grad():
+        _, caches = run_with_hooks(model, ids, names)
+    _ref_out, ref = raw_run(model, ids, capture=names)
+    for name in names:
+        torch.testing.assert_close(caches[name].output, ref[name], rtol=0, atol=0)
+        assert caches[name].output.data_ptr() != ref[name].data_ptr()
+
+
+def test_replacing_one_parent_of_a_module_registered_under_two_names() -> None:
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Sequential(shared), nn.Sequential(shared)).eval()
+    x = torch.randn(2, 4)
+    run_with_hooks(model, x, {"1.0": add(torch.randn(4))})
+    model[1] = nn.Sequential(nn.Linear(4, 4))  # "1.0" is another module now
+    delta = torch.randn(4)
+    with torch.no_grad():
+        out, caches = run_with_hooks(model, x, {"1.0": add(delta)})
+    ref_out, ref = raw_run(model, x, {"1.0": lambda h: h + delta}, capture=["1.0"])
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(caches["1.0"].output, ref["1.0"])
+    assert shared._forward_hooks == {}
+    assert model[1][0]._forward_hooks == {}
+
+
+def test_reinserted_children_come_back_in_the_new_model_order() -> None:
+    model = nn.Sequential()
+    model.add_module("a", nn.Linear(4, 4))
+    model.add_module("b", nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+
+    def forward_b_then_a(inputs: Tensor) -> Tensor:
+        return model.b(model.a(inputs))
+
+    _, first = run_with_hooks(model, x, ["a", "b"], forward=forward_b_then_a)
+    assert list(first) == ["a", "b"]
+    a = model.a
+    del model.a
+    model.add_module("a", a)  # now after "b" in named_modules()
+    assert [n for n, _ in model.named_modules()][1:] == ["b", "a"]
+    _, again = run_with_hooks(model, x, ["a", "b"], forward=forward_b_then_a)
+    assert list(again) == ["b", "a"]
+
+
+def test_a_model_whose_submodule_refers_back_to_it_is_freed() -> None:
+    model, x = make_net(), torch.randn(2, 6)
+    # A user's hook that closes over the model: a reference from a submodule to the root.
+    model[0].register_forward_hook(lambda m, a, o, model=model: None)
+    for _ in range(2):
+        run_with_hooks(model, x, {"0": add(1.0), "1.*": "capture"})
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_kept_resolution_holds_no_spec_values() -> None:
+    model, x = make_net(), torch.randn(2, 6)
+    big = torch.randn(6)
+    cache_out, cache = run_with_hooks(model, x, ["0"])
+    refs = [weakref.ref(big), weakref.ref(cache["0"].output)]
+    edit = add(big) >> patch_from(cache).at(0)
+    run_with_hooks(model, x, {"0": edit, "2": "capture"})
+    assert ("0", "2") in kept(model)
+    del big, cache, edit, cache_out
+    gc.collect()
+    assert all(r() is None for r in refs), "a finished run's edit values are still held"

@@ -660,3 +660,57 @@ def test_input_edit_of_args_and_kwargs(kwargs_only):
         )
         assert torch.equal(out, want)
         assert torch.equal(caches["gated"].input, model.lin(x) + delta)
+
+
+# -- validation at the boundary: a HookfnError before any hook is registered -------------
+
+
+def _small() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("device", ["nope", 3.5, object(), "cuda:x"])
+def test_a_bad_device_is_a_spec_error(device: Any) -> None:
+    with pytest.raises(SpecError, match="device"):
+        Hook(device=device)
+
+
+def test_a_malformed_glob_is_a_spec_error() -> None:
+    model = _small()
+    with pytest.raises(SpecError, match="malformed"):
+        run_with_hooks(model, torch.randn(1, 4), ["[z-a]"])
+    assert not model[0]._forward_hooks
+
+
+def test_an_inputs_mapping_with_other_keys_than_strings_is_a_spec_error() -> None:
+    model = _small()
+    with pytest.raises(SpecError, match="not a string"):
+        run_with_hooks(model, {0: torch.randn(1, 4)}, {"0": add(1.0)})
+    assert not model[0]._forward_hooks
+
+
+def test_params_of_a_wrong_dtype_or_two_tensors_for_one_tied_weight(tiny_gpt2) -> None:
+    ids = torch.randint(0, 50, (1, 4))
+    weight = tiny_gpt2.transformer.wte.weight
+    with pytest.raises(SpecError, match="dtype"):
+        run_with_hooks(tiny_gpt2, ids, {}, params={"transformer.wte.weight": weight.long()})
+    with pytest.raises(SpecError, match="tied"):
+        run_with_hooks(
+            tiny_gpt2,
+            ids,
+            {},
+            params={"transformer.wte.weight": weight * 2, "lm_head.weight": weight * 3},
+        )
+
+
+def test_an_edit_at_a_module_the_run_never_called_is_reported() -> None:
+    from hookfn import EditError, NotCalledWarning
+
+    model = nn.ModuleDict({"used": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
+    x = torch.randn(1, 4)
+    with pytest.warns(NotCalledWarning, match="'unused'"):
+        run_with_hooks(model, x, {"unused": add(1.0), "used": add(1.0)}, forward=model.used)
+    with pytest.raises(EditError, match="'unused'"):
+        run_with_hooks(model, x, {"unused": add(1.0)}, forward=model.used, strict=True)
+    assert not model.unused._forward_hooks

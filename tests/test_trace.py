@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from hookfn import CaptureError, HookfnError, SpecError, Trace, TraceMultiple
+from hookfn import CaptureError, Hook, HookfnError, SpecError, Trace, TraceMultiple
 
 
 def _delta(seed: int = 0) -> Tensor:
@@ -295,3 +295,27 @@ def test_trace_multiple_records_match_raw_hooks_for_every_block(tiny_gpt2, gpt2_
         tiny_gpt2(**gpt2_inputs)
     assert torch.equal(tm["transformer.h.0"].output, ref0[0])
     assert torch.equal(tm["transformer.h.1"].output, ref1[0])
+
+
+def test_a_gradient_capture_does_not_depend_on_read_order() -> None:
+    """nethook's retain_grad pattern: read the output after the block, then backward."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    with Trace(model, "0", hook=Hook(grad=True)) as t:
+        y = model(x)
+    _ = t.output  # read before the backward pass
+    y.sum().backward()
+    h = model[0](x).detach().requires_grad_()
+    (reference,) = torch.autograd.grad(model[2](model[1](h)).sum(), h)
+    torch.testing.assert_close(t.grad_output, reference)
+    torch.testing.assert_close(t.capture.grad_output, reference)
+
+
+def test_stop_early_ends_a_trace_multiple_block_normally() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    with TraceMultiple(model, ["0"], stop_early=True) as tm, torch.no_grad():
+        model(x)
+        raise AssertionError("not reached: the forward stopped")
+    torch.testing.assert_close(tm["0"].output, model[0](x))

@@ -1,0 +1,102 @@
+"""The hook path: hook order, what a capture holds, edit errors in context, objects a
+capture cannot copy, and the one stop-early rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from reference import count_calls, raw_run
+from torch import Tensor, nn
+
+from hookfn import EditError, Hook, Omitted, Trace, add, run_with_hooks
+
+
+def test_the_edit_runs_before_other_hooks_and_the_capture_after_them() -> None:
+    """A user's hook on the same module sees the edit; when it changes the output too, the
+    capture holds what the rest of the model receives."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    a, c = torch.randn(4), torch.randn(4)
+    seen: list[Tensor] = []
+
+    def users_hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+        seen.append(out.detach().clone())
+        return out + c
+
+    handle = model[0].register_forward_hook(users_hook)
+    try:
+        with torch.no_grad():
+            out, caches = run_with_hooks(model, x, {"0": add(a)})
+    finally:
+        handle.remove()
+    ref_out, ref = raw_run(model, x, {"0": lambda h: h + a + c}, capture=["0"])
+    torch.testing.assert_close(seen[0], ref["0"] - c)  # the user's hook saw the edit
+    torch.testing.assert_close(caches["0"].output, ref["0"])  # what the next layer got
+    torch.testing.assert_close(out, ref_out)
+
+
+def test_edit_errors_name_the_edit_and_the_site() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(EditError, match=r"at layer '0' \(output, call 0\).*shape") as info:
+        run_with_hooks(model, torch.randn(2, 4), {"0": lambda h: h[:, :2]})
+    assert "returned shape (2, 2)" in str(info.value)
+    assert model[0]._forward_hooks == {}
+
+
+class _Cache:
+    """An object no copy can take apart (as a transformers ``DynamicCache``)."""
+
+    def __init__(self) -> None:
+        self.keys = [torch.zeros(1)]
+
+
+class _WithCache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.cache = _Cache()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, _Cache]:
+        return self.linear(x), self.cache
+
+
+def test_objects_a_capture_cannot_copy_are_omitted_unless_references_are_asked() -> None:
+    model = nn.Sequential(_WithCache())
+    x = torch.randn(2, 4)
+    _, caches = run_with_hooks(model, x, ["0"])
+    tensor, placeholder = caches["0"].raw_output
+    assert placeholder == Omitted("_Cache")
+    torch.testing.assert_close(tensor, model[0].linear(x))
+    _, by_reference = run_with_hooks(model, x, {"0": Hook(clone=False)})
+    assert by_reference["0"].raw_output[1] is model[0].cache
+
+
+def test_one_stop_early_rule_for_inputs_and_outputs() -> None:
+    """A site is done once its last forward record of its first call is taken: the input
+    of a layer whose output is not kept stops the forward before the layer runs."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    with count_calls(model[1]) as calls, torch.no_grad():
+        out, caches = run_with_hooks(
+            model, x, {"1": Hook(input=True, output=False)}, stop_early=True
+        )
+    assert out is None
+    assert calls == [1]
+    torch.testing.assert_close(caches["1"].input, model[0](x))
+    with count_calls(model[2]) as later, torch.no_grad():
+        run_with_hooks(model, x, {"1": Hook(input=True)}, stop_early=True)
+    assert later == []  # with the output kept, it stops after the layer
+
+
+def test_stop_ends_a_trace_block_normally() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    reached = []
+    with Trace(model, "0", stop=True) as t, torch.no_grad():
+        model(x)
+        reached.append(True)  # skipped: the forward stopped at layer 0
+    assert reached == []
+    torch.testing.assert_close(t.output, model[0](x))
+    assert model[0]._forward_hooks == {}
