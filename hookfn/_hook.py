@@ -41,6 +41,11 @@ class Hook:
             follows the module (``ReLU(inplace=True)``) changes what was captured.
         device: Move captured tensors to this device as they are taken (e.g. ``"cpu"``).
         dtype: Cast captured floating-point tensors to this dtype as they are taken.
+        whole: The edits receive and return the whole structure instead of its primary
+            tensor: ``edit`` the module's output as it returned it (a tuple, a
+            ``ModelOutput``), ``edit_input`` an `Args` of every positional and keyword
+            argument. Nothing checks what they return: it replaces the value as it is (a
+            new batch size, another structure), and ``None`` keeps it.
 
     Examples:
         >>> from hookfn import Hook, add
@@ -59,6 +64,7 @@ class Hook:
     clone: bool = field(default=True, kw_only=True)
     device: torch.device | None = field(default=None, kw_only=True)
     dtype: torch.dtype | None = field(default=None, kw_only=True)
+    whole: bool = field(default=False, kw_only=True)
     # What the hook path does at this site, decided once here (see `hookfn._hooks`).
     edits_output: bool = field(default=False, init=False, repr=False, compare=False)
     after_output: bool = field(default=True, init=False, repr=False, compare=False)
@@ -82,6 +88,7 @@ class Hook:
         clone: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        whole: bool = False,
     ) -> None:
         for flag_name, flag in (
             ("output", output),
@@ -90,6 +97,7 @@ class Hook:
             ("grad_input", grad_input),
             ("detach", detach),
             ("clone", clone),
+            ("whole", whole),
         ):
             if not isinstance(flag, bool):
                 raise SpecError(f"Hook({flag_name}=...) takes True or False, got {flag!r}.")
@@ -117,6 +125,7 @@ class Hook:
         setattr_(self, "clone", clone)
         setattr_(self, "device", device)
         setattr_(self, "dtype", dtype)
+        setattr_(self, "whole", whole)
         self._set_roles()
 
     def _set_roles(self) -> None:
@@ -180,6 +189,7 @@ _FIELDS = (
     "clone",
     "device",
     "dtype",
+    "whole",
 )
 _DEFAULTS: dict[str, Any] = {
     "output": True,
@@ -192,6 +202,7 @@ _DEFAULTS: dict[str, Any] = {
     "clone": True,
     "device": None,
     "dtype": None,
+    "whole": False,
 }
 
 _PLAIN_FIELDS = (("edit", None), *_DEFAULTS.items())

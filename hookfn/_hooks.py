@@ -28,7 +28,7 @@ from torch.autograd.graph import GradientEdge
 from torch.autograd.graph import get_gradient_edge as gradient_edge
 
 from ._capture import PLAIN_COPY, Args, copy_value, make_copier, primary, replace_primary
-from ._edits import Edit, check_result
+from ._edits import Edit, Function, check_result
 from ._errors import EditError, HookfnError
 from ._gate import ACTIVE, Replays, Stopper, graph_task, new_hook_key, replaying
 from ._hook import Hook
@@ -246,11 +246,13 @@ class Recorder:
             if side.replays is None:
                 side.replays = Replays()
             call = side.replays.call(side.edit_calls)
+        edit: Any = side.edit
+        site = self._site(side, side.sites, side.kind, call)
+        if self.hook.whole:
+            return _edit_whole(edit, value, site)
         x = value if type(value) is Tensor else primary(value)
         if x is None:
             raise _no_primary(self.name, side.kind, value)
-        edit: Any = side.edit
-        site = self._site(side, side.sites, side.kind, call)
         try:
             y = check_result(x, edit(x, site))
         except HookfnError as error:
@@ -322,6 +324,22 @@ class Recorder:
         return bool(
             self.out.edit_calls or self.out.calls or self.inp.edit_calls or self.inp.calls
         ) or bool(self.out.records)
+
+
+def _edit_whole(edit: Edit, value: Any, site: Site) -> Any:
+    """A whole-structure edit (``Hook(whole=True)``): its result, unchecked, or None."""
+    if isinstance(edit, Function):  # the user's own function, without the tensor checks
+        new = edit.fn(value, site) if edit.takes_site else edit.fn(value)
+    else:
+        new = edit(value, site)
+    if new is None or new is value:
+        return None
+    if isinstance(value, Args) and not isinstance(new, Args):
+        raise EditError(
+            f"the whole-input edit {edit!r} at layer {site.name!r} returned a "
+            f"{type(new).__name__}; return an Args(*args, **kwargs) (or None)."
+        )
+    return new
 
 
 def _gradient_hook(

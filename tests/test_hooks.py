@@ -10,7 +10,7 @@ import torch
 from reference import count_calls, raw_run
 from torch import Tensor, nn
 
-from hookfn import EditError, Hook, Omitted, Trace, add, run_with_hooks
+from hookfn import Args, EditError, Hook, Omitted, Trace, add, run_with_hooks
 
 
 def test_the_edit_runs_before_other_hooks_and_the_capture_after_them() -> None:
@@ -100,3 +100,34 @@ def test_stop_ends_a_trace_block_normally() -> None:
     assert reached == []
     torch.testing.assert_close(t.output, model[0](x))
     assert model[0]._forward_hooks == {}
+
+
+def test_whole_structure_edits_see_and_replace_the_whole_value() -> None:
+    """``Hook(whole=True)``: the output tuple and the argument list, as a raw hook sees them;
+    the result replaces them unchecked (here: a batch grown from 1 row to 3)."""
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor, *, shift: Tensor) -> tuple[Tensor, Tensor]:
+            return self.linear(x) + shift, x
+
+    model = nn.Sequential(Pair())
+    x, shift, other = torch.randn(1, 4), torch.randn(4), torch.randn(4)
+
+    def grow(args: Args) -> Args:
+        return Args(args.args[0].expand(3, 4), shift=other)
+
+    def swap(out: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return out[1], out[0]
+
+    hook = Hook(swap, edit_input=grow, input=True, whole=True)
+    with torch.no_grad():
+        out, caches = run_with_hooks(model, Args(x, shift=shift), {"0": hook}, forward=model[0])
+        expected = model[0].linear(x.expand(3, 4)) + other
+    torch.testing.assert_close(out[1], expected)
+    torch.testing.assert_close(out[0], x.expand(3, 4))
+    assert torch.equal(caches["0"].raw_input.kwargs["shift"], other)
+    assert caches["0"].raw_output[0].shape == (3, 4)
