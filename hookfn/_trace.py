@@ -67,8 +67,10 @@ class _PendingExit:
         return suppress
 
     def __del__(self) -> None:
-        owner = self.owner
-        if not self.done and owner._runs == self.run and owner._token is not None:
+        owner = getattr(self, "owner", None)  # (None: an interrupt stopped __init__)
+        if owner is None or getattr(self, "done", True):
+            return
+        if owner._runs == self.run and owner._token is not None:
             # (an error here, at interpreter exit say, could only be printed and ignored)
             with contextlib.suppress(Exception):
                 owner._close()

@@ -54,7 +54,8 @@ def test_a_reentered_trace_does_not_act_in_a_context_copied_in_an_earlier_block(
         lambda: TraceMultiple(model, {"0": lambda h: h * 0}),
     ):
         trace = make()
-        with trace:
+        with trace, torch.no_grad():
+            model(x)
             earlier = contextvars.copy_context()  # e.g. a task started in the first block
         with trace, torch.no_grad():
             assert torch.equal(model(x), torch.zeros_like(plain))  # this block edits
