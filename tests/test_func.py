@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from test_grad import gpt2, gpt2_inputs, gpt2_metric, reference_output_grads, state
+from reference import first, raw_backward, raw_hooks, raw_perturbation_grad, raw_run
+from test_grad import gpt2, gpt2_inputs, gpt2_metric, state
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp, vmap
 from torch.utils.checkpoint import checkpoint
@@ -33,59 +34,6 @@ LAYERS = ["transformer.h.0", "transformer.h.0.attn", "transformer.h.1.mlp"]
 WIDTH = 32
 
 
-def _first(value: Any) -> Tensor:
-    return value if isinstance(value, Tensor) else value[0]
-
-
-def _with_first(value: Any, new: Tensor) -> Any:
-    return new if isinstance(value, Tensor) else (new, *value[1:])
-
-
-def reference_perturbation_grad(
-    model: nn.Module, inputs: dict[str, Tensor], layer: str, delta: Tensor
-) -> Tensor:
-    """d metric / d delta, where ``delta`` is added to ``layer``'s output: plain autograd."""
-    model = copy.deepcopy(model)
-    leaf = delta.clone().requires_grad_()
-
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        return _with_first(output, _first(output) + leaf)
-
-    handle = model.get_submodule(layer).register_forward_hook(hook)
-    try:
-        gpt2_metric(model(**inputs)).backward()
-    finally:
-        handle.remove()
-    assert leaf.grad is not None
-    return leaf.grad
-
-
-def raw_run(
-    model: nn.Module,
-    inputs: dict[str, Tensor],
-    edits: dict[str, Callable[[Tensor], Tensor]],
-    captured: list[str],
-) -> tuple[Any, dict[str, Any]]:
-    """Raw forward hooks: edit the first tensor of each output, store (detached) outputs."""
-    seen: dict[str, Any] = {}
-    handles = []
-    for name in {*edits, *captured}:
-
-        def hook(module: nn.Module, args: Any, output: Any, name: str = name) -> Any:
-            if name in edits:
-                output = _with_first(output, edits[name](_first(output)))
-            seen[name] = pytree.tree_map_only(Tensor, lambda t: t.detach().clone(), output)
-            return output
-
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
-        out = model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out, seen
-
-
 # -- torch.func.grad / vjp: gradients w.r.t. an edit's argument ------------------------------
 
 
@@ -102,7 +50,7 @@ def test_grad_wrt_additive_perturbation_equals_autograd(attn: str, layer: str, s
         return gpt2_metric(out)
 
     got = grad(metric_of)(delta)
-    assert torch.equal(got, reference_perturbation_grad(model, inputs, layer, delta))
+    assert torch.equal(got, raw_perturbation_grad(model, inputs, layer, delta, gpt2_metric))
     if shape == "activation":
         # the gradient w.r.t. an additive perturbation of the output is the gradient w.r.t.
         # the output itself: what Hook(grad=True) captures
@@ -124,7 +72,7 @@ def test_vjp_wrt_perturbation_equals_autograd(attn: str) -> None:
 
     value, pullback = vjp(metric_of, delta)
     (got,) = pullback(torch.ones(()))
-    assert torch.equal(got, reference_perturbation_grad(model, inputs, layer, delta))
+    assert torch.equal(got, raw_perturbation_grad(model, inputs, layer, delta, gpt2_metric))
     assert torch.equal(value.detach(), gpt2_metric(model(**inputs)).detach())
 
 
@@ -141,12 +89,12 @@ def test_grad_has_aux_returns_captures(attn: str) -> None:
         return gpt2_metric(out), caches
 
     _, caches = grad(metric_of, has_aux=True)(vector)
-    _, seen = raw_run(model, inputs, {layer: lambda x: x + vector}, watched)
+    _, seen = raw_run(model, inputs, {layer: lambda x: x + vector}, watched, whole=True)
     for name in watched:
         capture = caches[name]
         assert isinstance(capture, Capture)
         assert capture.n_calls == 1
-        assert torch.equal(capture.output, _first(seen[name]))
+        assert torch.equal(capture.output, first(seen[name]))
         # the rest of the structure survives: (out, None) from sdpa, (out, weights) from eager
         expected_rest = seen[name][1:] if isinstance(seen[name], tuple) else ()
         got_rest = capture.raw_output[1:] if isinstance(capture.raw_output, tuple) else ()
@@ -170,7 +118,7 @@ def test_grad_of_metric_and_captured_grads_with_backward_inside_grad() -> None:
     got, caches = grad(f, has_aux=True)(delta)
     _, plain = run_with_hooks(model, inputs, {watched: Hook(grad=True)}, backward=gpt2_metric)
     assert torch.equal(caches[watched].grad_output, plain[watched].grad_output)
-    assert torch.equal(got, reference_perturbation_grad(model, inputs, layer, delta))
+    assert torch.equal(got, raw_perturbation_grad(model, inputs, layer, delta, gpt2_metric))
 
 
 def test_grad_wrt_input_embeddings_with_jacrev() -> None:
@@ -187,11 +135,10 @@ def test_grad_wrt_input_embeddings_with_jacrev() -> None:
 
     got = jacrev(last_logit)(embeds)
     reference = copy.deepcopy(model)
-    handle = reference.transformer.h[1].register_forward_hook(lambda m, a, o: o + 0.1)
     leaf = embeds.clone().requires_grad_()
-    logits = reference(inputs_embeds=leaf, attention_mask=inputs["attention_mask"]).logits
+    with raw_hooks(reference, {"transformer.h.1": lambda h: h + 0.1}):
+        logits = reference(inputs_embeds=leaf, attention_mask=inputs["attention_mask"]).logits
     rows = [torch.autograd.grad(logits[0, -1, i], leaf, retain_graph=True)[0] for i in range(3)]
-    handle.remove()
     torch.testing.assert_close(got, torch.stack(rows), rtol=1e-5, atol=1e-6)
 
 
@@ -223,9 +170,7 @@ def test_vmap_over_steering_vectors_equals_loop(attn: str, edit: str) -> None:
             expected_logits, seen = raw_run(model, inputs, {layer: manual(v)}, watched)
             torch.testing.assert_close(logits[k], expected_logits.logits, rtol=1e-5, atol=1e-5)
             for name in watched:
-                torch.testing.assert_close(
-                    caches[name].output[k], _first(seen[name]), rtol=1e-5, atol=1e-5
-                )
+                torch.testing.assert_close(caches[name].output[k], seen[name], rtol=1e-5, atol=1e-5)
     assert caches[layer].output.shape == (4, 2, 6, WIDTH)
     if attn == "sdpa":  # the (out, None) of sdpa attention came back through vmap
         assert caches["transformer.h.1.attn"].raw_output[1] is None
@@ -270,7 +215,10 @@ def test_vmap_of_grad_captures_a_gradient_per_vector() -> None:
             caches[watched].grad_output[k], plain[watched].grad_output, rtol=1e-4, atol=1e-5
         )
         torch.testing.assert_close(
-            grads[k], reference_perturbation_grad(model, inputs, layer, v), rtol=1e-4, atol=1e-5
+            grads[k],
+            raw_perturbation_grad(model, inputs, layer, v, gpt2_metric),
+            rtol=1e-4,
+            atol=1e-5,
         )
 
 
@@ -298,7 +246,7 @@ def test_jvp_with_eager_attention_equals_directional_derivative() -> None:
         return gpt2_metric(run_with_hooks(model, inputs, {layer: add(d)})[0])
 
     _, derivative = jvp(metric_of, (delta,), (tangent,))
-    expected = (reference_perturbation_grad(model, inputs, layer, delta) * tangent).sum()
+    expected = (raw_perturbation_grad(model, inputs, layer, delta, gpt2_metric) * tangent).sum()
     torch.testing.assert_close(derivative, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -399,9 +347,9 @@ def test_params_equal_a_modified_copy(name: str, change: Callable[[Tensor], Tens
     expected_out, seen = raw_run(modified, inputs, {}, watched)
     torch.testing.assert_close(out.logits, expected_out.logits, rtol=0, atol=0)
     for layer in watched:
-        assert torch.equal(caches[layer].output, _first(seen[layer])), layer
+        assert torch.equal(caches[layer].output, seen[layer]), layer
     # the gradients too: autograd on the modified copy
-    _, grads = reference_output_grads(modified, inputs, watched, gpt2_metric)
+    grads = raw_backward(modified, inputs, gpt2_metric, watched).grads
     for layer in watched:
         assert torch.equal(caches[layer].grad_output, grads[layer]), layer
     # the model itself is as it was
@@ -466,11 +414,8 @@ def test_grad_wrt_params_through_hooks_equals_autograd() -> None:
         return gpt2_metric(out)
 
     got = grad(metric_of)(weight)
-    reference = copy.deepcopy(model)
-    handle = reference.transformer.h[0].register_forward_hook(lambda m, a, o: o + 0.25)
-    gpt2_metric(reference(**inputs)).backward()
-    handle.remove()
-    assert torch.equal(got, reference.get_parameter(name).grad)
+    ref = raw_backward(model, inputs, gpt2_metric, edits={"transformer.h.0": lambda h: h + 0.25})
+    assert torch.equal(got, ref.params[name])
     assert model.get_parameter(name).grad is None
 
 
@@ -493,7 +438,7 @@ def test_vmap_over_weight_scales_equals_loop() -> None:
             expected, seen = raw_run(modified, inputs, {}, ["transformer.h.0.attn"])
             torch.testing.assert_close(logits[k], expected.logits, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(
-                outputs[k], seen["transformer.h.0.attn"][0], rtol=1e-5, atol=1e-5
+                outputs[k], seen["transformer.h.0.attn"], rtol=1e-5, atol=1e-5
             )
 
 

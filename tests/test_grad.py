@@ -8,12 +8,12 @@ checkpointing is compared with the same model run without it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from reference import count_calls, raw_backward, raw_input_grad
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
@@ -110,79 +110,7 @@ def toy_metric(out: Tensor) -> Tensor:
 
 TOY_INPUT = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
 
-# -- references ----------------------------------------------------------------------------
-
-
-def _first(value: Any) -> Tensor:
-    return value if isinstance(value, Tensor) else value[0]
-
-
-def _with_first(value: Any, new: Tensor) -> Any:
-    return new if isinstance(value, Tensor) else (new, *value[1:])
-
-
-def call(model: nn.Module, inputs: Any) -> Any:
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-def reference_output_grads(
-    model: nn.Module,
-    inputs: Any,
-    names: list[str],
-    metric: Callable[[Any], Tensor],
-    grad_fns: dict[str, Callable[[Tensor], Tensor]] | None = None,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Plain autograd on a copy: ``retain_grad()`` on each layer's output, then backward.
-
-    ``grad_fns`` puts a raw tensor hook on a layer's output that replaces its gradient.
-    Returns ``({name: output}, {name: output.grad})``.
-    """
-    model = copy.deepcopy(model)
-    seen: dict[str, Tensor] = {}
-    handles = []
-    for name in names:
-
-        def hook(module: nn.Module, args: Any, output: Any, name: str = name) -> None:
-            tensor = _first(output)
-            tensor.retain_grad()
-            if grad_fns and name in grad_fns:
-                tensor.register_hook(grad_fns[name])
-            seen[name] = tensor
-
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
-        metric(call(model, inputs)).backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {n: t.detach() for n, t in seen.items()}, {n: t.grad for n, t in seen.items()}
-
-
-def reference_input_grad(
-    model: nn.Module, inputs: Any, name: str, metric: Callable[[Any], Tensor]
-) -> Tensor:
-    """The gradient flowing into ``name`` alone: its input swapped for a fresh leaf."""
-    model = copy.deepcopy(model)
-    leaf: list[Tensor] = []
-
-    def pre_hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
-        if args:
-            new = _first(args[0]).detach().requires_grad_()
-            leaf.append(new)
-            return (_with_first(args[0], new), *args[1:]), kwargs
-        key = next(iter(kwargs))
-        new = _first(kwargs[key]).detach().requires_grad_()
-        leaf.append(new)
-        return args, {**kwargs, key: _with_first(kwargs[key], new)}
-
-    handle = model.get_submodule(name).register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        metric(call(model, inputs)).backward()
-    finally:
-        handle.remove()
-    (tensor,) = leaf
-    assert tensor.grad is not None
-    return tensor.grad
+# -- helpers ----------------------------------------------------------------------------------
 
 
 def state(model: nn.Module) -> dict[str, Tensor]:
@@ -219,7 +147,8 @@ def test_grad_output_equals_retain_grad_gpt2(attn: str) -> None:
     _, caches = run_with_hooks(
         model, inputs, {n: Hook(grad=True) for n in GPT2_LAYERS}, backward=gpt2_metric
     )
-    outputs, grads = reference_output_grads(model, inputs, GPT2_LAYERS, gpt2_metric)
+    ref = raw_backward(model, inputs, gpt2_metric, GPT2_LAYERS)
+    outputs, grads = ref.outputs, ref.grads
     for name in GPT2_LAYERS:
         assert torch.equal(caches[name].grad_output, grads[name]), name
         assert torch.equal(caches[name].output, outputs[name]), name
@@ -244,7 +173,7 @@ def test_grad_input_equals_leaf_reference_gpt2(attn: str, name: str) -> None:
     model, inputs = gpt2(attn), gpt2_inputs()
     before = state(model)
     _, caches = run_with_hooks(model, inputs, {name: Hook(grad_input=True)}, backward=gpt2_metric)
-    expected = reference_input_grad(model, inputs, name, gpt2_metric)
+    expected = raw_input_grad(model, inputs, name, gpt2_metric)
     assert torch.equal(caches[name].grad_input, expected)
     assert_unchanged(model, before)
 
@@ -259,11 +188,11 @@ def test_output_and_input_grads_in_one_call(attn: str) -> None:
         {n: Hook(grad=True, grad_input=True, input=True) for n in names},
         backward=gpt2_metric,
     )
-    _, grads = reference_output_grads(model, inputs, names, gpt2_metric)
+    grads = raw_backward(model, inputs, gpt2_metric, names).grads
     for name in names:
         assert torch.equal(caches[name].grad_output, grads[name])
         assert torch.equal(
-            caches[name].grad_input, reference_input_grad(model, inputs, name, gpt2_metric)
+            caches[name].grad_input, raw_input_grad(model, inputs, name, gpt2_metric)
         )
 
 
@@ -271,7 +200,7 @@ def test_output_and_input_grads_in_one_call(attn: str) -> None:
 def test_grad_output_equals_retain_grad_residual_and_tuple(name: str) -> None:
     model = residual_net()
     _, caches = run_with_hooks(model, TOY_INPUT, {name: Hook(grad=True)}, backward=toy_metric)
-    _, grads = reference_output_grads(model, TOY_INPUT, [name], toy_metric)
+    grads = raw_backward(model, TOY_INPUT, toy_metric, [name]).grads
     assert torch.equal(caches[name].grad_output, grads[name])
     assert caches[name].grad_output.abs().sum() > 0
 
@@ -286,8 +215,8 @@ def test_grad_input_is_the_modules_share_of_a_residual_input() -> None:
         {"inner": Hook(grad=True), "branch": Hook(grad_input=True)},
         backward=toy_metric,
     )
-    share = reference_input_grad(model, TOY_INPUT, "branch", toy_metric)
-    _, total = reference_output_grads(model, TOY_INPUT, ["inner"], toy_metric)
+    share = raw_input_grad(model, TOY_INPUT, "branch", toy_metric)
+    total = raw_backward(model, TOY_INPUT, toy_metric, ["inner"]).grads
     assert torch.equal(caches["branch"].grad_input, share)
     assert torch.equal(caches["inner"].grad_output, total["inner"])
     assert not torch.equal(share, total["inner"])
@@ -302,7 +231,8 @@ def test_grad_of_a_layer_followed_by_an_inplace_op() -> None:
     plain[1] = nn.ReLU()
     x = TOY_INPUT
     _, caches = run_with_hooks(inplace, x, {"0": Hook(grad=True)}, backward=toy_metric)
-    outputs, grads = reference_output_grads(plain, x, ["0"], toy_metric)
+    ref = raw_backward(plain, x, toy_metric, ["0"])
+    outputs, grads = ref.outputs, ref.grads
     assert torch.equal(caches["0"].grad_output, grads["0"])
     assert torch.equal(caches["0"].output, outputs["0"])  # the clone predates the ReLU
     assert (caches["0"].output < 0).any()
@@ -317,12 +247,12 @@ def test_grads_of_a_frozen_model(attn: str) -> None:
     spec = {n: Hook(grad=True) for n in names}
     spec["transformer.h.1.mlp"] = Hook(grad_input=True)
     _, caches = run_with_hooks(model, inputs, spec, backward=gpt2_metric)
-    _, grads = reference_output_grads(gpt2(attn), inputs, names, gpt2_metric)
+    grads = raw_backward(gpt2(attn), inputs, gpt2_metric, names).grads
     for name in names:
         assert torch.equal(caches[name].grad_output, grads[name]), name
     assert torch.equal(
         caches["transformer.h.1.mlp"].grad_input,
-        reference_input_grad(gpt2(attn), inputs, "transformer.h.1.mlp", gpt2_metric),
+        raw_input_grad(gpt2(attn), inputs, "transformer.h.1.mlp", gpt2_metric),
     )
     assert not any(p.requires_grad for p in model.parameters())
 
@@ -349,8 +279,8 @@ def test_edit_grad_equals_raw_tensor_hook(
     spec = {n: Hook(grad=True) for n in watched}
     spec[layer] = Hook(grad=True, edit_grad=edit)
     _, caches = run_with_hooks(model, inputs, spec, backward=gpt2_metric)
-    _, grads = reference_output_grads(model, inputs, watched, gpt2_metric, {layer: manual})
-    _, unedited = reference_output_grads(model, inputs, watched, gpt2_metric)
+    grads = raw_backward(model, inputs, gpt2_metric, watched, grad_fns={layer: manual}).grads
+    unedited = raw_backward(model, inputs, gpt2_metric, watched).grads
     for name in watched:
         # the capture at the edited layer is what flows on: the edited gradient
         expected = manual(unedited[name]) if name == layer else grads[name]
@@ -496,16 +426,6 @@ def _tensors(value: Any) -> list[Any]:
     return [_Exact(x) if isinstance(x, Tensor) else x for x in leaves]
 
 
-@contextmanager
-def count_calls(model: nn.Module, name: str) -> Iterator[list[int]]:
-    calls: list[int] = []
-    handle = model.get_submodule(name).register_forward_hook(lambda *_: calls.append(1))
-    try:
-        yield calls
-    finally:
-        handle.remove()
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("early_stop", [True, False])
 def test_gradient_checkpointing_replays_edits_and_records_once(attn: str, early_stop: bool) -> None:
@@ -517,7 +437,7 @@ def test_gradient_checkpointing_replays_edits_and_records_once(attn: str, early_
     out, expected = run_with_hooks(plain, inputs, CHECKPOINT_SPEC, backward=gpt2_metric)
     with (
         set_checkpoint_early_stop(early_stop),
-        count_calls(checkpointed, "transformer.h.1.attn") as calls,
+        count_calls(checkpointed.transformer.h[1].attn) as calls,
     ):
         out_ckpt, got = run_with_hooks(checkpointed, inputs, CHECKPOINT_SPEC, backward=gpt2_metric)
     assert len(calls) == 2  # the forward was re-run during backward, with the hooks in place
@@ -526,39 +446,25 @@ def test_gradient_checkpointing_replays_edits_and_records_once(attn: str, early_
     # and both agree with autograd, the same edits made by raw hooks on a plain copy
     reference = raw_checkpoint_spec_grad(plain, inputs)
     assert torch.equal(got["transformer.h.0"].grad_output, reference)
-    _, unedited = reference_output_grads(plain, inputs, ["transformer.h.0"], gpt2_metric)
+    unedited = raw_backward(plain, inputs, gpt2_metric, ["transformer.h.0"]).grads
     assert not torch.equal(reference, unedited["transformer.h.0"])  # the edits matter
     assert_unchanged(checkpointed, before)
 
 
 def raw_checkpoint_spec_grad(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     """CHECKPOINT_SPEC's edits by raw hooks; the gradient at ``transformer.h.0``'s output."""
-    model = copy.deepcopy(model)
-    seen: list[Tensor] = []
-
-    def keep(module: nn.Module, args: Any, output: Tensor) -> None:
-        output.retain_grad()
-        seen.append(output)
-
-    def double_grad(module: nn.Module, args: Any, output: Tensor) -> None:
-        output.register_hook(lambda g: g * 2.0)
-
-    h = model.transformer.h
-    handles = [
-        h[0].register_forward_hook(keep),
-        h[0].mlp.register_forward_hook(lambda m, a, o: o + 0.3),
-        h[1].attn.register_forward_hook(lambda m, a, o: (o[0] * 0.5, *o[1:])),
-        h[1].ln_2.register_forward_pre_hook(lambda m, a: (a[0] * 1.5, *a[1:])),
-        h[1].ln_1.register_forward_hook(double_grad),
-    ]
-    try:
-        gpt2_metric(model(**inputs)).backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    (tensor,) = seen
-    assert tensor.grad is not None
-    return tensor.grad
+    ref = raw_backward(
+        model,
+        inputs,
+        gpt2_metric,
+        ["transformer.h.0"],
+        edits={"transformer.h.0.mlp": lambda h: h + 0.3, "transformer.h.1.attn": lambda h: h * 0.5},
+        pre_edits={"transformer.h.1.ln_2": lambda h: h * 1.5},
+        grad_fns={"transformer.h.1.ln_1": lambda g: g * 2.0},
+    )
+    grad = ref.grads["transformer.h.0"]
+    assert grad is not None
+    return grad
 
 
 class SharedStack(nn.Module):
@@ -664,7 +570,7 @@ def test_gradient_checkpointing_on_cuda_replays_edits_in_engine_threads() -> Non
     enable_checkpointing(checkpointed)
     inputs = {k: v.cuda() for k, v in gpt2_inputs().items()}
     out, expected = run_with_hooks(plain, inputs, CHECKPOINT_SPEC, backward=gpt2_metric)
-    with count_calls(checkpointed, "transformer.h.1.attn") as calls:
+    with count_calls(checkpointed.transformer.h[1].attn) as calls:
         out_ckpt, got = run_with_hooks(checkpointed, inputs, CHECKPOINT_SPEC, backward=gpt2_metric)
     assert len(calls) == 2
     torch.testing.assert_close(out_ckpt.logits, out.logits, rtol=0, atol=0)
