@@ -3,7 +3,8 @@
 Nothing here imports hookfn. Everything is written with PyTorch's own tools only:
 
 - `raw_hooks` / `raw_run`: ``register_forward_hook`` edits and captures of a module's first
-  output tensor, ``register_forward_pre_hook`` edits of its first argument;
+  output tensor, ``register_forward_pre_hook`` edits of its first argument; `raw_inputs`
+  records the arguments of each call, `count_calls` counts the calls;
 - `raw_backward`, `raw_input_grad`, `raw_perturbation_grad`: gradients by plain autograd
   (``retain_grad()``, tensor hooks, a fresh leaf) on a copy of the model;
 - `raw_layer_calls`: every submodule's calls and output shapes, by forward hooks;
@@ -69,10 +70,12 @@ def raw_hooks(
     """Plain hooks: edits of the first output tensor, then clones of it.
 
     ``edits`` are forward hooks that replace a layer's first output tensor by ``fn(it)``;
-    ``pre_edits`` forward pre-hooks that replace its first positional argument's first
-    tensor by ``fn(it)``. Yields ``{name: [clone of each call's first output tensor, ...]}``
-    (with ``whole``, clones of each call's whole output: tuples keep their other items).
-    An edited and captured layer records its edited output.
+    ``pre_edits`` forward pre-hooks that replace the first tensor of its first positional
+    argument (with none, of its first keyword argument) by ``fn(it)``.
+
+    Yields ``{name: [clone of each call's first output tensor, ...]}`` (with ``whole``,
+    clones of each call's whole output: tuples keep their other items). An edited and
+    captured layer records its edited output.
     """
     store: dict[str, list[Any]] = {name: [] for name in capture}
     handles = []
@@ -81,7 +84,13 @@ def raw_hooks(
         return lambda module, args, out: with_first(out, fn(first(out)))
 
     def pre_editor(fn: Fn) -> Any:
-        return lambda module, args: (with_first(args[0], fn(first(args[0]))), *args[1:])
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
+            if args:
+                return (with_first(args[0], fn(first(args[0]))), *args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: with_first(kwargs[key], fn(first(kwargs[key])))}
+
+        return hook
 
     def recorder(name: str) -> Any:
         keep = _clone if whole else (lambda out: first(out).detach().clone())
@@ -89,7 +98,8 @@ def raw_hooks(
 
     try:
         for name, fn in (pre_edits or {}).items():
-            handles.append(model.get_submodule(name).register_forward_pre_hook(pre_editor(fn)))
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_pre_hook(pre_editor(fn), with_kwargs=True))
         for name, fn in (edits or {}).items():
             handles.append(model.get_submodule(name).register_forward_hook(editor(fn)))
         for name in capture:
@@ -123,6 +133,30 @@ def raw_run(
         assert len(values) == 1, f"{name} ran {len(values)} times"
         result[name] = values[0]
     return out, result
+
+
+@contextmanager
+def raw_inputs(
+    model: nn.Module, names: Sequence[str]
+) -> Iterator[dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]]]:
+    """Plain forward pre-hooks (``with_kwargs=True``) that record each call's arguments.
+
+    Yields ``{name: [(args, kwargs), ...]}`` with every tensor in them cloned.
+    """
+    store: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {n: [] for n in names}
+    handles = []
+
+    def recorder(name: str) -> Any:
+        return lambda module, args, kwargs: store[name].append((_clone(args), _clone(kwargs)))
+
+    try:
+        for name in names:
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_pre_hook(recorder(name), with_kwargs=True))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager

@@ -3,52 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
 import torch
+from reference import count_calls, raw_hooks, raw_inputs, raw_run
 from torch import Tensor, nn
 
 from hookfn import Args, CaptureError, Hook, Site, SpecError, add, run_with_hooks
-
-
-def _first(output: Any) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-@contextmanager
-def raw_record(module: nn.Module, edit: Callable[[Tensor], Tensor] | None = None) -> Iterator[list]:
-    """A plain forward hook: optionally edits the (first) output, then stores a clone of it."""
-    store: list[Tensor] = []
-
-    def hook(m: nn.Module, args: Any, output: Any) -> Any:
-        result = None
-        if edit is not None:
-            if isinstance(output, tuple):
-                result = output = (edit(output[0]), *output[1:])
-            else:
-                result = output = edit(output)
-        store.append(_first(output).detach().clone())
-        return result
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def raw_count(module: nn.Module) -> Iterator[list]:
-    """Counts the calls of ``module`` (a pre-hook, so it counts even if the module fails)."""
-    calls: list[int] = []
-    handle = module.register_forward_pre_hook(lambda m, a: calls.append(1))
-    try:
-        yield calls
-    finally:
-        handle.remove()
 
 
 def _delta(shape: tuple[int, ...] = (32,), seed: int = 0) -> Tensor:
@@ -73,13 +36,12 @@ GPT2_LAYERS = [
 
 @pytest.mark.parametrize("layer", GPT2_LAYERS)
 def test_gpt2_capture_matches_raw_hook(tiny_gpt2, gpt2_inputs, layer):
-    with raw_record(tiny_gpt2.get_submodule(layer)) as ref, torch.no_grad():
-        ref_out = tiny_gpt2(**gpt2_inputs)
+    ref_out, ref = raw_run(tiny_gpt2, gpt2_inputs, capture=[layer])
     with torch.no_grad():
         out, caches = run_with_hooks(tiny_gpt2, gpt2_inputs, [layer])
     assert list(caches) == [layer]
     assert caches[layer].n_calls == 1
-    assert torch.equal(caches[layer].output, ref[0])
+    assert torch.equal(caches[layer].output, ref[layer])
     assert torch.equal(out.logits, ref_out.logits)
 
 
@@ -96,14 +58,14 @@ EDIT_LAYERS = [
 @pytest.mark.parametrize("layer", EDIT_LAYERS)
 def test_gpt2_edit_matches_raw_hook(tiny_gpt2, gpt2_inputs, layer):
     delta = _delta()
+    ref_out, ref = raw_run(tiny_gpt2, gpt2_inputs, {layer: lambda o: o + delta}, [layer])
+    ref_logits = ref_out.logits
     with torch.no_grad():
         clean = tiny_gpt2(**gpt2_inputs).logits
-        with raw_record(tiny_gpt2.get_submodule(layer), edit=lambda o: o + delta) as ref:
-            ref_logits = tiny_gpt2(**gpt2_inputs).logits
         out, caches = run_with_hooks(tiny_gpt2, gpt2_inputs, {layer: lambda x: x + delta})
     assert not torch.allclose(clean, ref_logits)  # the edit is visible downstream
     assert torch.equal(out.logits, ref_logits)
-    assert torch.equal(caches[layer].output, ref[0])  # the capture is the edited value
+    assert torch.equal(caches[layer].output, ref[layer])  # the capture is the edited value
 
 
 # -- nn.Sequential: manual recomputation --------------------------------------------------
@@ -218,13 +180,13 @@ def test_input_forms(tiny_gpt2, make_inputs, call):
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # a mask that changes the result, so dropping it would be noticed
-    block = tiny_gpt2.transformer.h[1]
-    with torch.no_grad(), raw_record(block) as ref:
+    with torch.no_grad(), raw_hooks(tiny_gpt2, capture=["transformer.h.1"]) as ref:
         ref_logits = call(tiny_gpt2, ids, mask).logits
     with torch.no_grad():
         out, caches = run_with_hooks(tiny_gpt2, make_inputs(ids, mask), ["transformer.h.1"])
     assert torch.equal(out.logits, ref_logits)
-    assert torch.equal(caches["transformer.h.1"].output, ref[0])
+    (expected,) = ref["transformer.h.1"]
+    assert torch.equal(caches["transformer.h.1"].output, expected)
 
 
 def test_mask_matters_in_input_forms(tiny_gpt2):
@@ -262,15 +224,15 @@ def test_forward_function(tiny_gpt2, gpt2_inputs):
     def last_logits(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return tiny_gpt2(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1]
 
+    h0 = "transformer.h.0"
     with torch.no_grad():
-        with raw_record(tiny_gpt2.transformer.h[0], edit=lambda o: o + delta) as ref:
+        with raw_hooks(tiny_gpt2, {h0: lambda o: o + delta}, [h0]) as ref:
             want = last_logits(**gpt2_inputs)
-        out, caches = run_with_hooks(
-            tiny_gpt2, gpt2_inputs, {"transformer.h.0": add(delta)}, forward=last_logits
-        )
+        out, caches = run_with_hooks(tiny_gpt2, gpt2_inputs, {h0: add(delta)}, forward=last_logits)
     assert out.shape == (2, 100)
     assert torch.equal(out, want)
-    assert torch.equal(caches["transformer.h.0"].output, ref[0])
+    (expected,) = ref[h0]
+    assert torch.equal(caches[h0].output, expected)
 
 
 def test_forward_function_calling_the_model_several_times(tiny_gpt2, gpt2_inputs):
@@ -282,14 +244,14 @@ def test_forward_function_calling_the_model_several_times(tiny_gpt2, gpt2_inputs
         return input_ids
 
     with torch.no_grad():
-        with raw_record(tiny_gpt2.transformer.ln_f) as ref:
+        with raw_hooks(tiny_gpt2, capture=["transformer.ln_f"]) as ref:
             want = greedy(**gpt2_inputs)
         out, caches = run_with_hooks(tiny_gpt2, gpt2_inputs, ["transformer.ln_f"], forward=greedy)
     capture = caches["transformer.ln_f"]
     assert torch.equal(out, want)
     assert capture.n_calls == 3
     assert [o.shape[1] for o in capture.outputs] == [6, 7, 8]
-    for got, expected in zip(capture.outputs, ref, strict=True):
+    for got, expected in zip(capture.outputs, ref["transformer.ln_f"], strict=True):
         assert torch.equal(got, expected)
 
 
@@ -326,8 +288,8 @@ def test_stop_early(tiny_gpt2, gpt2_inputs, spec, later):
     with torch.no_grad():
         full_out, full = run_with_hooks(tiny_gpt2, gpt2_inputs, spec)
         with (
-            raw_count(tiny_gpt2.get_submodule(later)) as later_calls,
-            raw_count(tiny_gpt2.lm_head) as head_calls,
+            count_calls(tiny_gpt2.get_submodule(later)) as later_calls,
+            count_calls(tiny_gpt2.lm_head) as head_calls,
         ):
             out, stopped = run_with_hooks(tiny_gpt2, gpt2_inputs, spec, stop_early=True)
     assert full_out is not None
@@ -345,14 +307,13 @@ def test_stop_early(tiny_gpt2, gpt2_inputs, spec, later):
 
 
 def test_stop_early_captures_match_raw_hook(tiny_gpt2, gpt2_inputs):
-    with torch.no_grad(), raw_record(tiny_gpt2.transformer.h[0].attn) as ref:
-        tiny_gpt2(**gpt2_inputs)
+    _, ref = raw_run(tiny_gpt2, gpt2_inputs, capture=["transformer.h.0.attn"])
     with torch.no_grad():
         out, caches = run_with_hooks(
             tiny_gpt2, gpt2_inputs, ["transformer.h.0.attn"], stop_early=True
         )
     assert out is None
-    assert torch.equal(caches["transformer.h.0.attn"].output, ref[0])
+    assert torch.equal(caches["transformer.h.0.attn"].output, ref["transformer.h.0.attn"])
 
 
 def test_stop_early_runs_to_the_end_when_a_site_is_never_called():
@@ -445,14 +406,15 @@ def test_result_order_is_model_order_not_spec_order(tiny_gpt2, gpt2_inputs):
 def test_module_objects_as_keys(tiny_gpt2, gpt2_inputs):
     delta = _delta(seed=2)
     mlp = tiny_gpt2.transformer.h[0].mlp
+    name = "transformer.h.0.mlp"
+    ref_out, ref = raw_run(tiny_gpt2, gpt2_inputs, {name: lambda o: o + delta}, [name])
+    ref_logits = ref_out.logits
     with torch.no_grad():
-        with raw_record(mlp, edit=lambda o: o + delta) as ref:
-            ref_logits = tiny_gpt2(**gpt2_inputs).logits
         out, caches = run_with_hooks(
             tiny_gpt2, gpt2_inputs, {tiny_gpt2.lm_head: "capture", mlp: add(delta)}
         )
     assert list(caches) == ["transformer.h.0.mlp", "lm_head"]
-    assert torch.equal(caches["transformer.h.0.mlp"].output, ref[0])
+    assert torch.equal(caches["transformer.h.0.mlp"].output, ref[name])
     assert torch.equal(out.logits, ref_logits)
     assert torch.equal(caches["lm_head"].output, ref_logits)
 
@@ -465,17 +427,14 @@ def test_exact_key_overrides_glob(tiny_gpt2, gpt2_inputs, exact_first, by_object
     exact: Any = block if by_object else "transformer.h.0"
     items = [(exact, add(delta)), ("transformer.h.*", "capture")]
     spec = dict(items if exact_first else items[::-1])
+    blocks = ["transformer.h.0", "transformer.h.1"]
+    ref_out, ref = raw_run(tiny_gpt2, gpt2_inputs, {blocks[0]: lambda o: o + delta}, blocks)
     with torch.no_grad():
-        with (
-            raw_record(block, edit=lambda o: o + delta) as ref0,
-            raw_record(tiny_gpt2.transformer.h[1]) as ref1,
-        ):
-            ref_logits = tiny_gpt2(**gpt2_inputs).logits
         out, caches = run_with_hooks(tiny_gpt2, gpt2_inputs, spec)
-    assert list(caches) == ["transformer.h.0", "transformer.h.1"]
-    assert torch.equal(out.logits, ref_logits)
-    assert torch.equal(caches["transformer.h.0"].output, ref0[0])
-    assert torch.equal(caches["transformer.h.1"].output, ref1[0])
+    assert list(caches) == blocks
+    assert torch.equal(out.logits, ref_out.logits)
+    assert torch.equal(caches["transformer.h.0"].output, ref["transformer.h.0"])
+    assert torch.equal(caches["transformer.h.1"].output, ref["transformer.h.1"])
 
 
 CLASHES = [
@@ -518,13 +477,9 @@ class SharedTwice(nn.Module):
 def test_shared_module_records_every_call_in_order():
     model = SharedTwice()
     x = torch.randn(3, 4)
-    store: list[Tensor] = []
-    handle = model.shared.register_forward_hook(lambda m, i, o: store.append(o.detach().clone()))
-    try:
-        with torch.no_grad():
-            want = model(x)
-    finally:
-        handle.remove()
+    with torch.no_grad(), raw_hooks(model, capture=["shared"]) as ref:
+        want = model(x)
+    store = ref["shared"]
     with torch.no_grad():
         out, caches = run_with_hooks(model, x, {"shared": Hook(input=True)})
     capture = caches["shared"]
@@ -549,16 +504,12 @@ def test_edit_of_one_call_of_a_shared_module():
     delta = _delta((6,), seed=8)
     calls: list[int] = []
 
-    def raw(m: nn.Module, i: Any, o: Tensor) -> Tensor | None:
+    def on_the_second_call(o: Tensor) -> Tensor:
         calls.append(1)
-        return o + delta if len(calls) == 2 else None
+        return o + delta if len(calls) == 2 else o
 
-    handle = model.shared.register_forward_hook(raw)
-    try:
-        with torch.no_grad():
-            want = model(x)
-    finally:
-        handle.remove()
+    want, _ = raw_run(model, x, {"shared": on_the_second_call})
+    assert len(calls) == 2
     seen: list[tuple[str, int, str, nn.Module]] = []
 
     def second_call_only(x: Tensor, site: Any) -> Tensor:
@@ -610,16 +561,9 @@ class CallsWithKwargs(nn.Module):
 def test_input_capture_of_args_and_kwargs(kwargs_only):
     model = CallsWithKwargs(kwargs_only)
     x, gate = torch.randn(3, 4), torch.randn(3, 4)
-    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-    handle = model.gated.register_forward_pre_hook(
-        lambda m, a, k: seen.append((a, dict(k))), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            want = model(x, gate)
-    finally:
-        handle.remove()
-    ref_args, ref_kwargs = seen[0]
+    with torch.no_grad(), raw_inputs(model, ["gated"]) as seen:
+        want = model(x, gate)
+    ((ref_args, ref_kwargs),) = seen["gated"]
     with torch.no_grad():
         out, caches = run_with_hooks(model, Args(x, gate=gate), {"gated": Hook(input=True)})
     raw = caches["gated"].raw_input
@@ -643,17 +587,8 @@ def test_input_edit_of_args_and_kwargs(kwargs_only):
     x, gate = torch.randn(3, 4), torch.randn(3, 4)
     delta = _delta((4,), seed=10)
 
-    def raw(m: nn.Module, a: tuple[Any, ...], k: dict[str, Any]) -> Any:
-        if a:
-            return (a[0] + delta, *a[1:]), k
-        return a, {**k, "x": k["x"] + delta}
-
-    handle = model.gated.register_forward_pre_hook(raw, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            want = model(x, gate)
-    finally:
-        handle.remove()
+    # the first positional argument, or (called with keywords only) the first keyword: x
+    want, _ = raw_run(model, (x, gate), pre_edits={"gated": lambda h: h + delta})
     with torch.no_grad():
         out, caches = run_with_hooks(
             model, (x, gate), {"gated": Hook(edit_input=add(delta), input=True)}
