@@ -12,7 +12,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import snapshot_hooks
+from reference import sequential_by_hand
 from torch import Tensor, nn
 
 from hookfn import Hook, Trace, TraceMultiple, add, run_with_hooks
@@ -36,29 +37,6 @@ def make_model(seed: int = 0) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(8, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, 4)
     ).eval()
-
-
-def reference(
-    model: nn.Sequential, x: Tensor, edits: dict[int, Callable[[Tensor], Tensor]] | None = None
-) -> tuple[Tensor, list[Tensor]]:
-    """The forward pass by hand: the output and every layer's (edited) output."""
-    edits = edits or {}
-    ops: list[Callable[[Tensor], Tensor]] = [
-        lambda h: F.linear(h, model[0].weight, model[0].bias),
-        torch.relu,
-        lambda h: F.linear(h, model[2].weight, model[2].bias),
-        torch.tanh,
-        lambda h: F.linear(h, model[4].weight, model[4].bias),
-    ]
-    acts = []
-    h = x
-    with torch.no_grad():
-        for i, op in enumerate(ops):
-            h = op(h)
-            if i in edits:
-                h = edits[i](h)
-            acts.append(h)
-    return h, acts
 
 
 @dataclass
@@ -80,23 +58,23 @@ def make_job(model: nn.Sequential, rng: random.Random, seed: int) -> Job:
     kind = rng.choice(["edit", "glob", "scale_input", "edit_input", "plain"])
     if kind == "edit":
         delta = torch.randn(WIDTH, generator=gen)
-        out, acts = reference(model, x, {0: lambda h: h + delta})
+        out, acts = sequential_by_hand(model, x, {0: lambda h: h + delta})
         return Job(kind, x, {"0": add(delta), "2": "capture"}, out, {"0": acts[0], "2": acts[2]})
     if kind == "glob":
-        out, acts = reference(model, x)
+        out, acts = sequential_by_hand(model, x)
         return Job(kind, x, {"*": "capture"}, out, {str(i): a for i, a in enumerate(acts)})
     if kind == "scale_input":
         factor = rng.uniform(-2, 2)
-        out, acts = reference(model, x, {2: lambda h: h * factor})
+        out, acts = sequential_by_hand(model, x, {2: lambda h: h * factor})
         spec = {"2": Hook(lambda h: h * factor, input=True)}
         return Job(kind, x, spec, out, {"2": acts[2]}, {"2": acts[1]})
     if kind == "edit_input":
         delta = torch.randn(WIDTH, generator=gen)
         # Editing layer 2's input is editing layer 1's output, as far as the math goes.
-        out, acts = reference(model, x, {1: lambda h: h + delta})
+        out, acts = sequential_by_hand(model, x, {1: lambda h: h + delta})
         spec = {"2": Hook(edit_input=add(delta), input=True, output=False)}
         return Job(kind, x, spec, out, {}, {"2": acts[1]})
-    out, _ = reference(model, x)
+    out, _ = sequential_by_hand(model, x)
     return Job(kind, x, None, out)
 
 
@@ -228,8 +206,8 @@ def test_plain_calls_in_other_threads_see_no_hooks_while_a_run_is_active():
     # the model plainly: that call must be unedited, and the hooked run must be edited.
     model = make_model()
     x = torch.randn(3, 8)
-    plain, _ = reference(model, x)
-    edited, _ = reference(model, x, {0: lambda h: h * 0})
+    plain, _ = sequential_by_hand(model, x)
+    edited, _ = sequential_by_hand(model, x, {0: lambda h: h * 0})
     entered, release = threading.Event(), threading.Event()
 
     def slow_zero(h: Tensor) -> Tensor:
@@ -301,8 +279,8 @@ def test_asyncio_task_started_inside_a_block_inherits_it_and_a_sibling_does_not(
     model = make_model()
     x = torch.randn(2, 8)
     delta = torch.randn(WIDTH)
-    plain, _ = reference(model, x)
-    edited, _ = reference(model, x, {0: lambda h: h + delta})
+    plain, _ = sequential_by_hand(model, x)
+    edited, _ = sequential_by_hand(model, x, {0: lambda h: h + delta})
 
     async def main() -> tuple[Tensor, Tensor]:
         go = asyncio.Event()
@@ -329,7 +307,7 @@ def test_nested_runs_compose(outer_api: str):
     model = make_model()
     x = torch.randn(3, 8)
     a, b = torch.randn(WIDTH), torch.randn(WIDTH)
-    out_ref, acts = reference(model, x, {0: lambda h: h + a + b})
+    out_ref, acts = sequential_by_hand(model, x, {0: lambda h: h + a + b})
     seen_by_outer = acts[0]  # a capture holds what the rest of the model receives
     inner: dict[str, Any] = {}
 
@@ -375,7 +353,7 @@ def test_blocks_exited_out_of_order_keep_the_other_one_active():
     with torch.no_grad():
         out = model(x)
     inner.__exit__(None, None, None)
-    expected, _ = reference(model, x, {2: lambda h: h + b})
+    expected, _ = sequential_by_hand(model, x, {2: lambda h: h + b})
     torch.testing.assert_close(out, expected)
     assert _ACTIVE.get() == frozenset()
     assert not model[0]._forward_hooks
@@ -497,7 +475,7 @@ def test_data_parallel_worker_threads_see_the_run(monkeypatch):
     dp = CPUDataParallel(model)
     x = torch.randn(4, 8)
     delta = torch.randn(WIDTH)
-    expected, acts = reference(model, x, {0: lambda h: h + delta})
+    expected, acts = sequential_by_hand(model, x, {0: lambda h: h + delta})
 
     # The trap is real in this setup: worker threads do not see the caller's context.
     probe: contextvars.ContextVar[str] = contextvars.ContextVar("probe", default="unset")
@@ -516,6 +494,6 @@ def test_data_parallel_worker_threads_see_the_run(monkeypatch):
     assert len(got) == 2
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
-    torch.testing.assert_close(plain, reference(model, x)[0])
+    torch.testing.assert_close(plain, sequential_by_hand(model, x)[0])
     assert "parallel_apply" not in vars(dp)
     assert snapshot_hooks(dp) == before

@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import snapshot_hooks
+from reference import sequential_by_hand
 from test_concurrency import CPUDataParallel, threaded_parallel_apply
 from torch import Tensor, nn
 
@@ -82,29 +83,9 @@ def make_model() -> nn.Sequential:
 def reference(
     model: nn.Sequential, x: Tensor, edits: dict[int, Callable[[Tensor], Tensor]] | None = None
 ) -> tuple[Tensor, list[Tensor]]:
-    """The forward pass by hand (eval mode): the output and each layer's (edited) output."""
-    edits = edits or {}
-    bn = model[1]
-    ops: list[Callable[[Tensor], Tensor]] = [
-        lambda h: F.linear(h, model[0].weight, model[0].bias),
-        lambda h: F.batch_norm(
-            h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
-        ),
-        torch.relu,
-        lambda h: h,
-        lambda h: F.linear(h, model[4].weight, model[4].bias),
-        lambda h: h,
-        lambda h: F.linear(h, model[6].weight, model[6].bias),
-    ]
-    acts = []
-    h = x
-    with torch.no_grad():
-        for i, op in enumerate(ops):
-            h = op(h)
-            if i in edits:
-                h = edits[i](h)
-            acts.append(h.clone())
-    return h, acts
+    """The forward pass by hand (eval mode; the unarmed Tripwire is the identity): the output
+    and each layer's (edited) output."""
+    return sequential_by_hand(model, x, edits, ops={3: lambda h: h})
 
 
 @dataclass
