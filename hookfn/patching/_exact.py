@@ -21,10 +21,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import TypeAlias
 
 from hookfn import Args, Edit, Hook, Site, SpecError, TransformError, primary, run_with_hooks
 
@@ -50,12 +51,16 @@ from ._batches import (
     progress_bar,
 )
 from ._grid import Over, as_axes
+from ._layers import Layout, NotExact, Stack, find_stack, join_point
 from ._metrics import MetricLike, Rows, Scorer, as_scorer
 from ._prompts import Align
 from ._result import Mode, PatchingResult
 from ._sites import SitesLike, as_sites
 
-__all__ = ["Patch", "activation_patching", "assemble", "patch_hook"]
+__all__ = ["Patch", "Reuse", "activation_patching", "assemble", "patch_hook"]
+
+Reuse: TypeAlias = Literal["auto", "positions", "layers", "none"]
+"""What `activation_patching` computes once instead of once per cell (``reuse=``)."""
 
 
 class Patch(Edit):
@@ -88,6 +93,12 @@ class _Cell:
     site: int
     part: int
     start: int  # the first position the patch changes (0 where that is not used)
+    join: int | None = None  # where it joins the batch (`_layers.join_point`), None: at the input
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        """Cells in a chunk: those that run every layer first, then by where they join."""
+        return (-1 if self.join is None else self.join, self.site, self.part)
 
 
 @dataclass(slots=True, eq=False)
@@ -104,20 +115,31 @@ class _Runner:
     kv: Any  # the base run's key/value cache, when positions are reused
     cache_keyword: str | None
     base_output: Tensor | None  # the base run's primary output, for callable metrics
+    stack: Stack | None = None  # the layers a chunk's forward can start late in
+    kv_layers: bool = False  # the cache's layers are the stack's children, one to one
 
     @property
     def n(self) -> int:
         return self.sides.base.n
 
-    def _extra(self, start: int, pair: Tensor) -> tuple[dict[str, Any], Tensor]:
-        """Keyword arguments for a run on positions ``start..``, and each row's metric index."""
+    def _extra(
+        self, start: int, pair: Tensor, layout: Layout | None = None
+    ) -> tuple[dict[str, Any], Tensor]:
+        """Keyword arguments for a run on positions ``start..``, and each row's metric index
+        (``pair``: the prompt pair of each output row)."""
         extra: dict[str, Any] = {}
         last = self.sides.base.last[pair]
         index = (last - start).clamp(min=0)
         if self.kv is not None and start > 0:
             kv = copy.deepcopy(self.kv)
             kv.crop(start - int(self.sides.base.seq or 0))
-            kv.batch_select_indices(pair.to(self.sides.base.ids.device))
+            device = self.sides.base.ids.device
+            if layout is None:
+                kv.batch_select_indices(pair.to(device))
+            else:
+                for child, layer in enumerate(kv.layers):
+                    rows = layout.rows_of_child(child) % self.n
+                    layer.batch_select_indices(rows.to(device))
             assert self.cache_keyword is not None
             extra[self.cache_keyword] = kv
             extra["use_cache"] = True
@@ -131,10 +153,27 @@ class _Runner:
         return extra, index
 
     def stacked(self, chunk: list[_Cell], start: int) -> Tensor:
-        """The chunk's cells stacked along the batch dimension, in one forward: ``[cells, n]``."""
+        """The chunk's cells stacked along the batch dimension, in one forward: ``[cells, n]``.
+
+        The chunk is in `_Cell.order`. Where cells join after the model input (layer reuse),
+        the layers before run on one copy of the prompts and the batch grows where the cells
+        join (`_layers.Layout`); if the model does not run that layout as it needs, the chunk
+        runs again with every cell on every layer.
+        """
+        layout = None
+        if self.stack is not None and (start == 0 or self.kv_layers):
+            layout = Layout.of(self.n, [c.join for c in chunk])
+        if layout is not None:
+            try:
+                return self._forward(chunk, start, layout)
+            except (NotExact, RuntimeError):
+                self.stack = None  # the model does not allow it: every later chunk runs plainly
+        return self._forward(chunk, start, None)
+
+    def _forward(self, chunk: list[_Cell], start: int, layout: Layout | None) -> Tensor:
         n, sites = self.n, self.grid.sites
         pair = torch.arange(n).repeat(len(chunk))
-        spec: dict[str, Hook] = {}
+        edits: dict[int, Patch] = {}
         row = 0
         for site_index, cells in _by_site(chunk):
             patch = sites[site_index]
@@ -143,18 +182,40 @@ class _Runner:
             if start > 0:
                 mask = mask[:, start:] if mask.shape[1] > 1 else mask
                 source = source[:, start:]
-            edit = Patch(row, row + len(cells) * n, mask, source)
-            spec[patch.name] = patch_hook(patch.kind, edit)
+            edits[site_index] = Patch(row, row + len(cells) * n, mask, source)
             row += len(cells) * n
-        extra, index = self._extra(start, pair)
+        spec: dict[str, Hook] = {}
+        if layout is None:
+            for site_index, edit in edits.items():
+                spec[sites[site_index].name] = patch_hook(sites[site_index].kind, edit)
+            pair_in = pair
+        else:
+            assert self.stack is not None
+            at_child: dict[str, tuple[Edit | None, Edit | None]] = {}
+            for site_index, edit in edits.items():
+                name, kind = sites[site_index].name, sites[site_index].kind
+                if name in self.stack.children:
+                    held = at_child.get(name, (None, None))
+                    at_child[name] = (edit, held[1]) if kind == "input" else (held[0], edit)
+                else:
+                    spec[name] = patch_hook(kind, edit)
+            for child in range(layout.first, len(self.stack.children)):
+                name = self.stack.children[child]
+                patch_in, patch_out = at_child.get(name, (None, None))
+                spec[name] = layout.child_hook(child, patch_in, patch_out)
+            pair_in = torch.arange(n).repeat(layout.input_rows // n)
+            layout.start()
+        extra, index = self._extra(start, pair, layout)
         base = self.sides.base
-        args = base.rows(pair) if start == 0 else base.tail(start, pair)
+        args = base.rows(pair_in) if start == 0 else base.tail(start, pair_in)
         args = Args(*args.args, **{**args.kwargs, **extra})
         prefix = None
         if start > 0 and not self.scorer.builtin:
             assert self.base_output is not None
             prefix = self.base_output[:, :start]
         output, _ = run_with_hooks(self.model, args, spec)
+        if layout is not None:
+            layout.finish(output)
         values = self.scorer(output, Rows(n, pair, index, prefix), self.clean)
         if start > 0:
             # A prompt whose last real position comes before the patch: its metric cannot move.
@@ -269,6 +330,7 @@ def activation_patching(
     memory: Memory = None,
     vmap: bool = False,
     causal: bool | None = None,
+    reuse: Reuse = "auto",
     progress: bool | None = None,
 ) -> PatchingResult:
     """Exact activation patching: one patched run per cell, many cells per forward.
@@ -302,6 +364,11 @@ def activation_patching(
         causal: Whether the model is causal (positions never see later ones), which lets
             cells run on the positions their patch can change only, on the base run's
             key/value cache. ``None``: transformers models that generate (GPT-2, Llama, ...).
+        reuse: What is computed once instead of once per cell, where it is exact:
+            ``"auto"`` (both), ``"positions"`` (on a causal model, the positions before the
+            first one a patch changes, from the base run's key/value cache), ``"layers"`` (the
+            layers before a chunk's earliest patched one, run on one copy of the prompts), or
+            ``"none"`` (every cell a whole forward).
         progress: Show a progress bar (tqdm); ``None``: on a terminal, for long sweeps.
 
     Returns:
@@ -334,13 +401,26 @@ def activation_patching(
         raise SpecError(f"{where}: vmap= and per_pair= take True or False.")
     if causal is not None and not isinstance(causal, bool):
         raise SpecError(f"{where}: causal= takes True, False or None (detect), got {causal!r}.")
+    if reuse not in ("auto", "positions", "layers", "none"):
+        raise SpecError(
+            f"{where}: reuse= takes 'auto', 'positions', 'layers' or 'none', got {reuse!r}."
+        )
     names = site_names(model, site_set)
     if sides.cache is not None:
         check_cache(model, sides.cache, names, site_set.kind)
     parameters = forward_parameters(model)
     is_causal = _causal(model, causal)
     cache_keyword = next((k for k in ("cache", "past_key_values") if k in parameters), None)
-    reuse = is_causal and not vmap and cache_keyword is not None and "use_cache" in parameters
+    reuse_positions = reuse in ("auto", "positions")
+    reuse_layers = reuse in ("auto", "layers")
+    positions = (
+        reuse_positions
+        and is_causal
+        and not vmap
+        and cache_keyword is not None
+        and "use_cache" in parameters
+    )
+    stack = find_stack(model, names) if reuse_layers and not vmap else None
 
     spec = capture_spec([(names, site_set.kind)])
     with torch.no_grad():
@@ -352,7 +432,7 @@ def activation_patching(
                 continue
             args = side.args
             if role == sides.names[0] and "use_cache" in parameters:
-                args = side.with_kwargs(use_cache=reuse)
+                args = side.with_kwargs(use_cache=positions)
             outputs[role], captures[role] = run_with_hooks(model, args, spec)
         clean_lp = clean_logprobs(scorer, outputs.get("clean"), sides.clean)
         metrics = {
@@ -368,12 +448,13 @@ def activation_patching(
 
     base_output = primary(outputs[base_name])
     seq = sides.base.seq
-    kv = _kv_cache(outputs[base_name], seq) if reuse else None
+    kv = _kv_cache(outputs[base_name], seq) if positions else None
     if kv is not None and not scorer.builtin and not _positional_output(base_output, seq):
         kv = None  # a callable metric reads the whole output, which then cannot be rebuilt
+    kv_layers = kv is not None and stack is not None and _cache_layers(kv) == len(stack.children)
     runner = _Runner(
         model, sides, grid, scorer, clean_lp, metrics[base_name], parameters,
-        kv, cache_keyword, base_output,
+        kv, cache_keyword, base_output, stack, kv_layers,
     )  # fmt: skip
 
     n = sides.base.n
@@ -381,11 +462,14 @@ def activation_patching(
     last_real = int(sides.base.last.max())
     groups: dict[int, list[_Cell]] = {}
     for i, patch in enumerate(grid.sites):
+        join = join_point(model, stack, patch.name, patch.kind)
         for j, first in enumerate(_first_changed(patch, seq)):
             if first is None or (is_causal and first > last_real):
                 continue  # the patch changes nothing the metric can see
             start = first if kv is not None and _positional(patch, seq) else 0
-            groups.setdefault(start, []).append(_Cell(i, j, start))
+            groups.setdefault(start, []).append(_Cell(i, j, start, join))
+    for cells in groups.values():
+        cells.sort(key=lambda c: c.order)
 
     row_bytes = 0
     if budget is not None:
@@ -405,6 +489,14 @@ def activation_patching(
         values, grid, metrics.get("clean"), metrics.get("corrupted"), n, per_pair, mode,
         "activation patching", scorer.name,
     )  # fmt: skip
+
+
+def _cache_layers(kv: Any) -> int | None:
+    """The number of layers of a key/value cache that can be indexed layer by layer."""
+    layers = getattr(kv, "layers", None)
+    if isinstance(layers, list) and all(hasattr(x, "batch_select_indices") for x in layers):
+        return len(layers)
+    return None
 
 
 def _side(sides: Sides, role: str) -> Any:
