@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_tiny_gpt2, snapshot_hooks
+from reference import raw_backward, raw_run
 from torch import Tensor, nn
 
 from hookfn import Hook, add, layers, run_with_hooks
@@ -90,38 +91,6 @@ def _offloaded(base: nn.Module, kind: str, tmp_path: Path) -> nn.Module:
     return model
 
 
-def _first(value: Any) -> Tensor:
-    return value if isinstance(value, Tensor) else value[0]
-
-
-def _raw(
-    model: nn.Module,
-    ids: Tensor,
-    names: list[str],
-    edits: dict[str, Callable[[Tensor], Tensor]] | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    store: dict[str, Tensor] = {}
-    handles = []
-
-    def editor(fn: Callable[[Tensor], Tensor]) -> Any:
-        return lambda m, a, o: fn(o) if isinstance(o, Tensor) else (fn(o[0]), *o[1:])
-
-    def recorder(name: str) -> Any:
-        return lambda m, a, o: store.__setitem__(name, _first(o).detach().clone())
-
-    try:
-        for name, fn in (edits or {}).items():
-            handles.append(model.get_submodule(name).register_forward_hook(editor(fn)))
-        for name in names:
-            handles.append(model.get_submodule(name).register_forward_hook(recorder(name)))
-        with torch.no_grad():
-            logits = model(ids).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    return logits, store
-
-
 @pytest.mark.parametrize("kind", OFFLOADS)
 def test_names_unchanged(base: nn.Module, kind: str, tmp_path: Path) -> None:
     model = _offloaded(base, kind, tmp_path)
@@ -132,7 +101,8 @@ def test_names_unchanged(base: nn.Module, kind: str, tmp_path: Path) -> None:
 def test_captures_equal_the_model_without_offloading(
     base: nn.Module, kind: str, ids: Tensor, tmp_path: Path
 ) -> None:
-    ref_logits, ref = _raw(base, ids, CAPTURED)
+    ref_out, ref = raw_run(base, ids, capture=CAPTURED)
+    ref_logits = ref_out.logits
     model = _offloaded(base, kind, tmp_path)
     with torch.no_grad():
         out, caches = run_with_hooks(model, ids, CAPTURED)
@@ -144,8 +114,8 @@ def test_captures_equal_the_model_without_offloading(
 @pytest.mark.parametrize("kind", OFFLOADS)
 def test_edits_reach_later_layers(base: nn.Module, kind: str, ids: Tensor, tmp_path: Path) -> None:
     steer = torch.randn(32, generator=torch.Generator().manual_seed(2))
-    ref_logits, ref = _raw(base, ids, CAPTURED, edits={"transformer.h.0": lambda x: x + steer})
-    plain_logits, _ = _raw(base, ids, [])
+    ref_out, ref = raw_run(base, ids, {"transformer.h.0": lambda x: x + steer}, CAPTURED)
+    ref_logits, plain_logits = ref_out.logits, raw_run(base, ids)[0].logits
     model = _offloaded(base, kind, tmp_path)
     spec = {name: "capture" for name in CAPTURED} | {"transformer.h.0": add(steer)}
     with torch.no_grad():
@@ -180,7 +150,7 @@ def test_accelerate_hooks_survive(base: nn.Module, kind: str, ids: Tensor, tmp_p
     wrapped = {name: m._hf_hook for name, m in model.named_modules() if hasattr(m, "_hf_hook")}
     assert wrapped
     before = snapshot_hooks(model)
-    ref_logits, _ = _raw(base, ids, [])
+    ref_logits = raw_run(base, ids)[0].logits
 
     def fail(x: Tensor) -> Tensor:
         raise RuntimeError("edit failed")
@@ -204,18 +174,9 @@ def test_accelerate_hooks_survive(base: nn.Module, kind: str, ids: Tensor, tmp_p
 def test_gradient_capture_through_offloaded_model(
     base: nn.Module, kind: str, ids: Tensor, tmp_path: Path
 ) -> None:
-    store: list[Tensor] = []
-
-    def keep(m: nn.Module, a: Any, o: Any) -> None:
-        _first(o).retain_grad()
-        store.append(_first(o))
-
-    reference = copy.deepcopy(base)
-    handle = reference.get_submodule("transformer.h.0").register_forward_hook(keep)
-    try:
-        reference(ids).logits.logsumexp(-1).sum().backward()
-    finally:
-        handle.remove()
+    reference = raw_backward(
+        base, ids, lambda out: out.logits.logsumexp(-1).sum(), ["transformer.h.0"]
+    )
 
     model = _offloaded(base, kind, tmp_path)
     _, caches = run_with_hooks(
@@ -224,7 +185,9 @@ def test_gradient_capture_through_offloaded_model(
         {"transformer.h.0": Hook(grad=True)},
         backward=lambda out: out.logits.logsumexp(-1).sum(),
     )
-    torch.testing.assert_close(caches["transformer.h.0"].grad_output, store[0].grad)
+    torch.testing.assert_close(
+        caches["transformer.h.0"].grad_output, reference.grads["transformer.h.0"]
+    )
 
 
 @pytest.mark.parametrize("kind", OFFLOADS)

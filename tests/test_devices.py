@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_gpt2
+from reference import raw_run
 from torch import Tensor, nn
 
 from hookfn import (
@@ -36,25 +37,6 @@ D = 16
 def _mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, D), nn.GELU(), nn.Linear(D, D), nn.Linear(D, 4)).to(dtype)
-
-
-def _raw(model: nn.Module, x: Any, name: str, fn: Callable[[Tensor], Tensor] | None) -> Any:
-    """Run ``model`` with a plain forward hook that replaces ``name``'s output by ``fn(out)``."""
-    seen: list[Tensor] = []
-
-    def hook(module: nn.Module, args: Any, out: Any) -> Any:
-        first = out if isinstance(out, Tensor) else out[0]
-        new = first if fn is None else fn(first)
-        seen.append(new.detach().clone())
-        return new if isinstance(out, Tensor) else (new, *out[1:])
-
-    handle = model.get_submodule(name).register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        handle.remove()
-    return out, seen[0]
 
 
 VALUE = torch.linspace(-1.0, 1.0, D, dtype=torch.float64)  # float64 on purpose
@@ -80,7 +62,8 @@ def test_edit_values_are_cast_to_the_activation(edit: str, dtype: torch.dtype) -
     model = _mlp(dtype)
     x = torch.randn(5, 8, dtype=dtype)
     factory, by_hand = EDITS[edit]
-    ref_out, ref_act = _raw(model, x, "2", lambda a: by_hand(a, VALUE.to(a.dtype)))
+    ref_out, ref = raw_run(model, x, {"2": lambda a: by_hand(a, VALUE.to(a.dtype))}, ["2"])
+    ref_act = ref["2"]
     with torch.no_grad():
         out, caches = run_with_hooks(model, x, {"2": factory(VALUE)})
     assert caches["2"].output.dtype == out.dtype == dtype
@@ -95,7 +78,8 @@ def test_patch_from_a_float32_cache_into_a_low_precision_model(dtype: torch.dtyp
     clean, corrupt = torch.randn(5, 8, dtype=dtype), torch.randn(5, 8, dtype=dtype)
     _, cache = run_with_hooks(model, clean, {"2": Hook(dtype=torch.float32)})
     assert cache["2"].output.dtype == torch.float32
-    clean_out, clean_act = _raw(model, clean, "2", None)
+    clean_out, ref = raw_run(model, clean, None, ["2"])
+    clean_act = ref["2"]
     with torch.no_grad():
         out, caches = run_with_hooks(model, corrupt, {"2": patch_from(cache)})
     assert caches["2"].output.dtype == dtype
@@ -110,7 +94,10 @@ def test_low_precision_gpt2_on_cpu(dtype: torch.dtype) -> None:
     model = make_tiny_gpt2().to(dtype)
     ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))
     vector = torch.randn(32)
-    ref_out, ref_act = _raw(model, ids, "transformer.h.0", lambda a: a + vector.to(a.dtype))
+    ref_out, ref = raw_run(
+        model, ids, {"transformer.h.0": lambda a: a + vector.to(a.dtype)}, ["transformer.h.0"]
+    )
+    ref_act = ref["transformer.h.0"]
     with torch.no_grad():
         out, caches = run_with_hooks(
             model, ids, {"transformer.h.0": add(vector), "transformer.h.1.mlp": "capture"}
@@ -133,7 +120,8 @@ CASTS = [
 def test_captures_are_cast_as_taken(model_dtype: torch.dtype, capture_dtype: torch.dtype) -> None:
     model = _mlp(model_dtype)
     x = torch.randn(5, 8, dtype=model_dtype)
-    ref_out, ref_act = _raw(model, x, "1", None)
+    ref_out, ref = raw_run(model, x, None, ["1"])
+    ref_act = ref["1"]
     hook = Hook(input=True, device="cpu", dtype=capture_dtype)
     with torch.no_grad():
         out, caches = run_with_hooks(model, x, {"1": hook})
@@ -202,7 +190,10 @@ def test_cuda_low_precision_kernels(dtype: torch.dtype, attn: str) -> None:
     model.set_attn_implementation(attn)
     ids = torch.randint(0, 100, (2, 6), device="cuda")
     vector = torch.randn(32, dtype=torch.float64)  # on the CPU, in float64
-    ref_out, ref_act = _raw(model, ids, "transformer.h.0", lambda a: a + vector.to(a))
+    ref_out, ref = raw_run(
+        model, ids, {"transformer.h.0": lambda a: a + vector.to(a)}, ["transformer.h.0"]
+    )
+    ref_act = ref["transformer.h.0"]
     with torch.no_grad():
         out, caches = run_with_hooks(
             model,
@@ -227,7 +218,10 @@ def test_cuda_multi_device_dispatch() -> None:
     base = make_tiny_gpt2()
     ids = torch.randint(0, 100, (2, 6))
     steer_vector = torch.randn(32)
-    ref_out, ref_act = _raw(base, ids, "transformer.h.0", lambda a: a + steer_vector)
+    ref_out, ref = raw_run(
+        base, ids, {"transformer.h.0": lambda a: a + steer_vector}, ["transformer.h.0"]
+    )
+    ref_act = ref["transformer.h.0"]
     # The second half of the blocks on a second GPU when there is one, else offloaded to CPU
     # memory (accelerate then runs it on cuda:0, loading its weights for each forward).
     # lm_head shares its weight with wte: both stay on cuda:0.
