@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import snapshot_hooks
+from reference import raw_hooks, raw_run
 from torch import Tensor, nn
 
 from hookfn import Args, Hook, add, run_with_hooks
@@ -105,44 +106,6 @@ def _inputs(seed: int = 1) -> dict[str, Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _first(value: Any) -> Tensor:
-    return value if isinstance(value, Tensor) else value[0]
-
-
-def _with_first(value: Any, new: Tensor) -> Any:
-    return new if isinstance(value, Tensor) else (new, *value[1:])
-
-
-def _raw_run(
-    model: nn.Module,
-    inputs: dict[str, Any],
-    captures: list[str] = (),  # type: ignore[assignment]
-    edits: dict[str, Callable[[Tensor], Tensor]] | None = None,
-    **kwargs: Any,
-) -> tuple[Any, dict[str, list[Tensor]]]:
-    """The reference: plain forward hooks, registered by hand and removed after."""
-    store: dict[str, list[Tensor]] = {name: [] for name in captures}
-    handles = []
-
-    def editor(fn: Callable[[Tensor], Tensor]) -> Any:
-        return lambda module, args, out: _with_first(out, fn(_first(out)))
-
-    def recorder(name: str) -> Any:
-        return lambda module, args, out: store[name].append(_first(out).detach().clone())
-
-    try:
-        for name, fn in (edits or {}).items():
-            handles.append(model.get_submodule(name).register_forward_hook(editor(fn)))
-        for name in captures:
-            handles.append(model.get_submodule(name).register_forward_hook(recorder(name)))
-        with torch.no_grad():
-            out = model(**inputs, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out, store
-
-
 def _logits(out: Any) -> Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
@@ -160,11 +123,11 @@ def test_captures_equal_raw_hooks(arch: Arch, attn: str) -> None:
     names = [
         name for block in arch.blocks() for name in (block, block + arch.attn, block + arch.mlp)
     ]
-    ref_out, ref = _raw_run(model, inputs, names)
+    ref_out, ref = raw_run(model, inputs, capture=names)
     out, caches = _hooked(model, inputs, names)
     assert list(caches) == names
     for name in names:
-        assert torch.equal(caches[name].output, ref[name][0]), name
+        assert torch.equal(caches[name].output, ref[name]), name
     assert torch.equal(_logits(out), _logits(ref_out))
 
 
@@ -177,10 +140,8 @@ def test_edits_equal_raw_hook_edits(arch: Arch, attn: str) -> None:
     inputs = _inputs()
     block0, attn1 = arch.blocks()[0], arch.blocks()[1] + arch.attn
     steer = torch.randn(32)
-    ref_out, _ = _raw_run(
-        model, inputs, edits={block0: lambda x: x + steer, attn1: lambda x: x * 0.5}
-    )
-    plain_out, _ = _raw_run(model, inputs)
+    ref_out, _ = raw_run(model, inputs, {block0: lambda x: x + steer, attn1: lambda x: x * 0.5})
+    plain_out, _ = raw_run(model, inputs)
     out, _ = _hooked(model, inputs, {block0: add(steer), attn1: lambda x: x * 0.5})
     torch.testing.assert_close(_logits(out), _logits(ref_out))
     assert not torch.allclose(_logits(out), _logits(plain_out))
@@ -200,19 +161,19 @@ def test_edit_of_block_is_visible_in_hidden_states(
     inputs = _inputs()
     blocks = arch.blocks()
     twin = copy.deepcopy(model)  # the references run here, so they install nothing on model
-    _, plain = _raw_run(twin, inputs, blocks)
-    ref_out, _ = _raw_run(
-        twin, inputs, edits={blocks[layer]: lambda x: x + 1.0}, output_hidden_states=True
+    _, plain = raw_run(twin, inputs, capture=blocks)
+    ref_out, _ = raw_run(
+        twin, inputs, {blocks[layer]: lambda x: x + 1.0}, output_hidden_states=True
     )
     if preinstalled:
-        _raw_run(model, _inputs(seed=2), output_hidden_states=True)
+        raw_run(model, _inputs(seed=2), output_hidden_states=True)
     assert any(m._forward_hooks for m in model.modules()) == preinstalled
 
     out, caches = _hooked(
         model, Args(**inputs, output_hidden_states=True), {blocks[layer]: add(1.0)}
     )
 
-    expected = plain[blocks[layer]][0] + 1.0
+    expected = plain[blocks[layer]] + 1.0
     torch.testing.assert_close(caches[blocks[layer]].output, expected, rtol=0, atol=0)
     hidden = out.hidden_states
     assert len(hidden) == N_LAYERS + 1
@@ -231,8 +192,8 @@ def test_input_edit_of_first_block_is_visible_in_hidden_states(arch: Arch, attn:
     # hidden_states[0] is what the first block receives: an input edit there shows.
     model = _make(arch, attn)
     inputs = _inputs()
-    _raw_run(model, inputs, output_hidden_states=True)  # transformers' hooks first
-    plain_out, _ = _raw_run(model, inputs, output_hidden_states=True)
+    raw_run(model, inputs, output_hidden_states=True)  # transformers' hooks first
+    plain_out, _ = raw_run(model, inputs, output_hidden_states=True)
     block0 = arch.blocks()[0]
     out, caches = _hooked(
         model,
@@ -263,7 +224,7 @@ def test_transformers_hooks_survive_runs(arch: Arch, attn: str) -> None:
     model = _make(arch, attn)
     inputs = _inputs()
     blocks = arch.blocks()
-    _raw_run(model, inputs, output_hidden_states=True, output_attentions=True)
+    raw_run(model, inputs, output_hidden_states=True, output_attentions=True)
     installed = snapshot_hooks(model)
     assert sum(len(v) for v in installed.values()) >= N_LAYERS  # transformers' recorders
 
@@ -278,9 +239,9 @@ def test_transformers_hooks_survive_runs(arch: Arch, attn: str) -> None:
     assert snapshot_hooks(model) == installed
 
     # ... and they still work: hidden_states equal the blocks' outputs taken by raw hooks.
-    out, ref = _raw_run(model, inputs, blocks, output_hidden_states=True)
+    out, ref = raw_run(model, inputs, capture=blocks, output_hidden_states=True)
     for i, block in enumerate(blocks[:-1]):
-        torch.testing.assert_close(out.hidden_states[i + 1], ref[block][0], rtol=0, atol=0)
+        torch.testing.assert_close(out.hidden_states[i + 1], ref[block], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.id)
@@ -290,15 +251,15 @@ def test_hooks_installed_during_a_run_are_transformers_own(arch: Arch) -> None:
     model = _make(arch, "sdpa")
     twin = copy.deepcopy(model)
     inputs = _inputs()
-    _raw_run(twin, inputs, output_hidden_states=True)
+    raw_run(twin, inputs, output_hidden_states=True)
     _hooked(model, Args(**inputs, output_hidden_states=True), {arch.blocks()[0]: add(1.0)})
 
     def counts(m: nn.Module) -> dict[str, int]:
         return {key: len(value) for key, value in snapshot_hooks(m).items()}
 
     assert counts(model) == counts(twin)
-    out, ref = _raw_run(model, inputs, arch.blocks(), output_hidden_states=True)
-    torch.testing.assert_close(out.hidden_states[1], ref[arch.blocks()[0]][0], rtol=0, atol=0)
+    out, ref = raw_run(model, inputs, capture=arch.blocks(), output_hidden_states=True)
+    torch.testing.assert_close(out.hidden_states[1], ref[arch.blocks()[0]], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a.causal], ids=lambda a: a.id)
@@ -308,14 +269,9 @@ def test_generate_records_every_step(arch: Arch) -> None:
     block = arch.blocks()[1]
     args = Args(ids, max_new_tokens=3, do_sample=False)
 
-    store: list[Tensor] = []
-    handle = model.get_submodule(block).register_forward_hook(
-        lambda m, a, o: store.append(_first(o).detach().clone())
-    )
-    try:
+    with raw_hooks(model, capture=[block]) as ref:
         ref_tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
-    finally:
-        handle.remove()
+    store = ref[block]
 
     tokens, caches = run_with_hooks(model, args, [block], forward=model.generate)
     assert torch.equal(tokens, ref_tokens)
@@ -330,13 +286,8 @@ def test_gpt2_edit_steers_generation() -> None:
     model = _make(ARCHS[0], "sdpa")
     ids = _inputs()["input_ids"]
     steer = torch.randn(32) * 5
-    handle = model.transformer.h[0].register_forward_hook(
-        lambda m, a, o: _with_first(o, _first(o) + steer)
-    )
-    try:
+    with raw_hooks(model, {"transformer.h.0": lambda h: h + steer}):
         ref_tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
-    finally:
-        handle.remove()
     tokens, _ = run_with_hooks(
         model,
         Args(ids, max_new_tokens=4, do_sample=False),

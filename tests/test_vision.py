@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import snapshot_hooks
+from reference import raw_backward, raw_run
 from torch import Tensor, nn
 
 from hookfn import Hook, ablate, add, layers, run_with_hooks
@@ -73,38 +74,11 @@ def images() -> Tensor:
     return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
-def _raw(
-    model: nn.Module,
-    x: Tensor,
-    names: list[str],
-    edits: dict[str, Callable[[Tensor], Tensor]] | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    store: dict[str, Tensor] = {}
-    handles = []
-    try:
-        for name, fn in (edits or {}).items():
-            module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(lambda m, a, o, fn=fn: fn(o)))
-        for name in names:
-            module = model.get_submodule(name)
-            handles.append(
-                module.register_forward_hook(
-                    lambda m, a, o, name=name: store.__setitem__(name, o.detach().clone())
-                )
-            )
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out, store
-
-
 CNN_LAYERS = ["stem", "stem.0", "block1.conv1", "block1.bn2", "block1", "block2.conv2", "pool"]
 
 
 def test_cnn_feature_maps_equal_raw_hooks(cnn: nn.Module, images: Tensor) -> None:
-    ref_out, ref = _raw(cnn, images, CNN_LAYERS)
+    ref_out, ref = raw_run(cnn, images, capture=CNN_LAYERS)
     with torch.no_grad():
         out, caches = run_with_hooks(cnn, images, CNN_LAYERS)
     assert torch.equal(out, ref_out)
@@ -117,7 +91,7 @@ def test_cnn_feature_maps_equal_raw_hooks(cnn: nn.Module, images: Tensor) -> Non
 def test_capture_before_an_in_place_relu_is_kept(cnn: nn.Module, images: Tensor) -> None:
     # bn1's output is rectified in place right after; the capture (a clone) keeps the
     # negative values, as the raw hook's clone does. clone=False sees the rectified tensor.
-    _, ref = _raw(cnn, images, ["block1.bn1"])
+    _, ref = raw_run(cnn, images, capture=["block1.bn1"])
     assert bool((ref["block1.bn1"] < 0).any())
     with torch.no_grad():
         _, caches = run_with_hooks(cnn, images, ["block1.bn1"])
@@ -133,7 +107,7 @@ def test_channel_ablation_in_nchw(cnn: nn.Module, images: Tensor, channels: Any)
         x[:, channels] = 0.0
         return x
 
-    ref_out, ref = _raw(cnn, images, ["block2"], edits={"block1": by_hand})
+    ref_out, ref = raw_run(cnn, images, {"block1": by_hand}, ["block2"])
     with torch.no_grad():
         out, caches = run_with_hooks(
             cnn, images, {"block1": ablate(channels, dim=1), "block2": "capture"}
@@ -151,7 +125,7 @@ def test_spatial_and_per_channel_edits(cnn: nn.Module, images: Tensor) -> None:
         mask[..., :4, :4] = 1.0
         return x * (1 - mask)
 
-    ref_out, _ = _raw(cnn, images, [], edits={"stem": lambda x: x + bias, "block2": top_left})
+    ref_out, _ = raw_run(cnn, images, {"stem": lambda x: x + bias, "block2": top_left})
     with torch.no_grad():
         out, _ = run_with_hooks(cnn, images, {"stem": add(bias), "block2": top_left})
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
@@ -160,23 +134,12 @@ def test_spatial_and_per_channel_edits(cnn: nn.Module, images: Tensor) -> None:
 def test_feature_map_gradients_equal_retain_grad(cnn: nn.Module, images: Tensor) -> None:
     # Grad-CAM's ingredients: a feature map and the gradient of a class score with respect
     # to it, here against autograd's retain_grad.
-    kept: list[Tensor] = []
-
-    def keep(module: nn.Module, args: Any, out: Tensor) -> None:
-        out.retain_grad()
-        kept.append(out)
-
-    handle = cnn.block2.register_forward_hook(keep)
-    try:
-        cnn(images)[:, 3].sum().backward()
-    finally:
-        handle.remove()
-    cnn.zero_grad(set_to_none=True)
+    ref = raw_backward(cnn, images, lambda out: out[:, 3].sum(), ["block2"])
     _, caches = run_with_hooks(
         cnn, images, {"block2": Hook(grad=True)}, backward=lambda out: out[:, 3].sum()
     )
-    torch.testing.assert_close(caches["block2"].grad_output, kept[0].grad)
-    torch.testing.assert_close(caches["block2"].output, kept[0].detach())
+    torch.testing.assert_close(caches["block2"].grad_output, ref.grads["block2"])
+    torch.testing.assert_close(caches["block2"].output, ref.outputs["block2"])
     assert all(p.grad is None for p in cnn.parameters())
 
 
@@ -197,7 +160,7 @@ def test_training_mode_cnn_is_left_as_it_was(cnn: nn.Module, images: Tensor) -> 
     ref_model = TinyCNN()
     ref_model.load_state_dict(state)
     ref_model.train()
-    ref_out, _ = _raw(ref_model, images, [])
+    ref_out, _ = raw_run(ref_model, images)
     out, _ = run_with_hooks(cnn, images, {"block1": "capture"})
     # A training forward updates batch-norm statistics, as it does without hooks.
     torch.testing.assert_close(out, ref_out)
@@ -262,10 +225,6 @@ LIBRARIES: dict[str, Callable[[], dict[str, tuple[Callable[[], nn.Module], list[
 }
 
 
-def _first(value: Any) -> Tensor:
-    return value if isinstance(value, Tensor) else value[0]
-
-
 @pytest.mark.parametrize("arch", ["resnet18", "vit"])
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_library_models_captures_and_edits(library: str, arch: str) -> None:
@@ -277,19 +236,7 @@ def test_library_models_captures_and_edits(library: str, arch: str) -> None:
             if p.dim() > 1 and not p.any():
                 p.normal_(std=0.1)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    store: dict[str, Tensor] = {}
-    handles = [
-        model.get_submodule(n).register_forward_hook(
-            lambda m, a, o, n=n: store.__setitem__(n, _first(o).detach().clone())
-        )
-        for n in names
-    ]
-    try:
-        with torch.no_grad():
-            ref_out = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    ref_out, store = raw_run(model, x, capture=names)
     hooks = snapshot_hooks(model)
     with torch.no_grad():
         out, caches = run_with_hooks(model, x, names)
@@ -297,12 +244,7 @@ def test_library_models_captures_and_edits(library: str, arch: str) -> None:
     for name in names:
         assert torch.equal(caches[name].output, store[name]), name
 
-    handle = model.get_submodule(edited).register_forward_hook(lambda m, a, o: o * 0.5 + 1.0)
-    try:
-        with torch.no_grad():
-            ref_edit = model(x)
-    finally:
-        handle.remove()
+    ref_edit, _ = raw_run(model, x, {edited: lambda o: o * 0.5 + 1.0})
     with torch.no_grad():
         out, _ = run_with_hooks(model, x, {edited: lambda o: o * 0.5 + 1.0})
     torch.testing.assert_close(out, ref_edit, rtol=0, atol=0)
