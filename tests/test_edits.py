@@ -11,11 +11,11 @@ from __future__ import annotations
 import pickle
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import torch
+from reference import raw_hooks
 from torch import Tensor, nn
 
 from hookfn import (
@@ -595,31 +595,6 @@ GPT_D = 32
 GPT_VEC = _randn(GPT_D, seed=30)
 
 
-@contextmanager
-def raw_edit(
-    module: nn.Module, fn: Callable[[Tensor], Tensor], *, pre: bool = False
-) -> Iterator[None]:
-    """A plain torch hook that applies ``fn`` to the module's (first) output or input."""
-
-    def forward_hook(m: nn.Module, args: Any, output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (fn(output[0]), *output[1:])
-        return fn(output)
-
-    def pre_hook(m: nn.Module, args: Any) -> Any:
-        return (fn(args[0]), *args[1:])
-
-    handle = (
-        module.register_forward_pre_hook(pre_hook)
-        if pre
-        else module.register_forward_hook(forward_hook)
-    )
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _gpt_feature(x: Tensor, idx: int, value: float) -> Tensor:
     y = x.clone()
     y[..., idx] = value
@@ -656,8 +631,7 @@ def test_gpt2_edit_matches_raw_hook(
     edit: Any,
     manual: Callable[[Tensor], Tensor],
 ) -> None:
-    module = tiny_gpt2.get_submodule(layer)
-    with torch.no_grad(), raw_edit(module, manual):
+    with torch.no_grad(), raw_hooks(tiny_gpt2, {layer: manual}):
         expected = tiny_gpt2(**gpt2_inputs).logits
     with torch.no_grad():
         out, _ = run_with_hooks(tiny_gpt2, gpt2_inputs, {layer: edit})
@@ -682,7 +656,7 @@ def test_gpt2_heads_on_the_attention_projection_input(
         y[..., 24:32] = x[..., 24:32] + 2.0 * GPT_VEC[:8] / GPT_VEC[:8].norm()
         return y
 
-    with torch.no_grad(), raw_edit(tiny_gpt2.get_submodule(layer), manual, pre=True):
+    with torch.no_grad(), raw_hooks(tiny_gpt2, pre_edits={layer: manual}):
         expected = tiny_gpt2(**gpt2_inputs).logits
     with torch.no_grad():
         out, _ = run_with_hooks(tiny_gpt2, gpt2_inputs, {layer: Hook(edit_input=edit)})
@@ -698,7 +672,7 @@ def test_gpt2_ablate_under_func_grad(tiny_gpt2: nn.Module, gpt2_inputs: dict[str
 
     got = torch.func.grad(metric)(torch.zeros(GPT_D))
     v = torch.zeros(GPT_D, requires_grad=True)
-    with raw_edit(tiny_gpt2.transformer.h[0], lambda x: _gpt_feature(x + v, 3, 0.0)):
+    with raw_hooks(tiny_gpt2, {"transformer.h.0": lambda x: _gpt_feature(x + v, 3, 0.0)}):
         loss = tiny_gpt2(**gpt2_inputs).logits.pow(2).mean()
     (expected,) = torch.autograd.grad(loss, v)
     torch.testing.assert_close(got, expected)
@@ -837,7 +811,7 @@ def test_mean_ablate_from_a_reference_run(
             y[..., 4] = mean[:, 4]
             return y
 
-        with raw_edit(tiny_gpt2.get_submodule(layer), manual):
+        with raw_hooks(tiny_gpt2, {layer: manual}):
             expected = tiny_gpt2(**gpt2_inputs).logits
         out, _ = run_with_hooks(tiny_gpt2, gpt2_inputs, {layer: mean_ablate(4, cache=reference)})
     torch.testing.assert_close(out.logits, expected)
