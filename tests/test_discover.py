@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-import torch.utils._pytree as pytree
 from conftest import make_tiny_gpt2, snapshot_hooks
+from reference import raw_layer_calls
 from torch import Tensor, nn
 
 from hookfn import LayerInfo, LayerNotFoundError, LayerTable, layers
@@ -49,34 +49,6 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.GELU()))
 
 
-def _reference(model: nn.Module, inputs: Any) -> list[tuple[str, str, list[tuple[int, ...]], int]]:
-    """Names, types, first-call tensor shapes and call counts, by raw forward hooks."""
-    calls: dict[str, list[list[tuple[int, ...]]]] = {}
-    handles = []
-
-    def recorder(name: str) -> Any:
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
-            leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
-            calls[name].append([tuple(t.shape) for t in leaves])
-
-        return hook
-
-    for name, module in model.named_modules():
-        if name:
-            calls[name] = []
-            handles.append(module.register_forward_hook(recorder(name)))
-    try:
-        with torch.no_grad():
-            model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [
-        (name, type(model.get_submodule(name)).__name__, (c[0] if c else []), len(c))
-        for name, c in calls.items()
-    ]
-
-
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any]]] = {
     "mlp": (_mlp, lambda: torch.randn(3, 5)),
     "shared": (Shared, lambda: torch.randn(2, 7, 4)),
@@ -95,7 +67,7 @@ def test_layers_match_raw_hooks(kind: str) -> None:
     model = build().eval()
     inputs = make_inputs()
     table = layers(model, inputs)
-    ref = _reference(model, inputs)
+    ref = raw_layer_calls(model, inputs)
     assert [(i.name, i.type, i.calls) for i in table] == [(n, t, c) for n, t, _, c in ref]
     for info, (name, _, shapes, _) in zip(table, ref, strict=True):
         assert sorted(info.shapes) == sorted(shapes), name  # same tensors; primary first

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import snapshot_hooks
+from reference import raw_backward
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -138,36 +139,16 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 def _reference(rank: int, shift: float = SHIFT) -> dict[str, Any]:
-    """The same step on one process, with raw hooks: capture layer 0, add ``shift`` at 2."""
-    model = _model()
-    x = _data(rank)
-    store: dict[str, Tensor] = {}
-
-    def keep(name: str) -> Any:
-        def hook(module: nn.Module, args: Any, out: Tensor) -> None:
-            out.retain_grad()
-            store[name] = out
-
-        return hook
-
-    handles = [
-        model[0].register_forward_hook(lambda m, a, o: store.__setitem__("0", o.detach().clone())),
-        model[1].register_forward_hook(keep("1")),
-        model[2].register_forward_hook(lambda m, a, o: o + shift),
-        model[2].register_forward_hook(keep("2")),
-    ]
-    try:
-        out = model(x)
-        _loss(out).backward()
-    finally:
-        for handle in handles:
-            handle.remove()
+    """The same step on one process, by plain hooks and autograd: capture layer 0, add
+    ``shift`` at 2."""
+    edits = {"2": lambda h: h + shift}
+    ref = raw_backward(_model(), _data(rank), _loss, ["0", "1", "2"], edits=edits)
     return {
-        "capture_0": store["0"],
-        "out": out.detach(),
-        "grads": {name: p.grad for name, p in model.named_parameters()},
-        "grad_1": store["1"].grad,
-        "grad_2": store["2"].grad,
+        "capture_0": ref.outputs["0"],
+        "out": ref.out.detach(),
+        "grads": ref.params,
+        "grad_1": ref.grads["1"],
+        "grad_2": ref.grads["2"],
     }
 
 
