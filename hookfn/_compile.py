@@ -35,6 +35,7 @@ from ._keys import strip_prefix, submodule, unwrap
 __all__ = [
     "CompileGuard",
     "check_compiled",
+    "compiler_loaded",
     "eager_callable",
     "eager_forward",
     "enclosing",
@@ -57,6 +58,11 @@ def _optimized_module() -> type[nn.Module] | None:
         return None
     _OPTIMIZED_MODULE.append(found)
     return found
+
+
+def compiler_loaded() -> bool:
+    """Whether ``torch.compile`` was loaded: before, nothing can be compiled."""
+    return _optimized_module() is not None
 
 
 def is_compiled_wrapper(module: object) -> bool:

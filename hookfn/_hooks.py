@@ -19,6 +19,7 @@ stop-early rule: a site is done when its last forward record of its first call i
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,9 @@ __all__ = ["Recorder"]
 # Keys of the edit steps in front of a module's hooks (see `_insert`).
 _HEADS: set[int] = set()
 
+_KEEP_SITES = 64  # calls of a site whose `Site` objects are kept between runs
+_SITES_LOCK = threading.Lock()
+
 
 class _Side:
     """One side of a site, its output or its input: what to do there, and what it recorded."""
@@ -56,7 +60,6 @@ class _Side:
         "kind",
         "records",
         "replays",
-        "sites",
         "stops",
     )
 
@@ -84,12 +87,15 @@ class _Side:
         self.calls = 0  # calls the after step saw
         self.edit_calls = 0  # calls the edit step saw
         self.replays: Replays | None = None
-        self.sites: list[Site] = []
         self.stops = False  # this side's first record completes the site (stop_early)
 
     @property
     def wants_grad(self) -> bool:
         return self.keep_grad or self.edit_grad is not None
+
+
+# Nothing is ever recorded into it: only a site with input steps writes to its input side.
+_NO_INPUT = _Side("input", "grad_input", None, False, False, None, True)
 
 
 class Recorder:
@@ -103,6 +109,7 @@ class Recorder:
         base: The autograd graph task the run was opened in.
         stopper: Counts the sites left to record (``stop_early``), or None.
         grad_targets: Where gradient tracking leaves the edges a ``backward=`` pass needs.
+        sites: The `Site` objects of the site's calls, by kind (see `Planned.sites`).
     """
 
     __slots__ = (
@@ -116,6 +123,7 @@ class Recorder:
         "module",
         "name",
         "out",
+        "sites",
         "stopper",
         "token",
     )
@@ -129,8 +137,10 @@ class Recorder:
         base: int,
         stopper: Stopper | None,
         grad_targets: list[GradientEdge],
+        sites: dict[str, list[Site]],
     ) -> None:
         self.name = name
+        self.sites = sites
         self.module = module
         self.hook = hook
         self.token = token
@@ -146,8 +156,11 @@ class Recorder:
         self.out = _Side(
             "output", "grad_output", hook.edit, hook.output, hook.grad, hook.edit_grad, False
         )
-        self.inp = _Side(
-            "input", "grad_input", hook.edit_input, hook.input, hook.grad_input, None, True
+        # The input side of a site that never hooks its input stays the shared empty one.
+        self.inp = (
+            _Side("input", "grad_input", hook.edit_input, hook.input, hook.grad_input, None, True)
+            if hook.edits_input or hook.after_input
+            else _NO_INPUT
         )
         if stopper is not None:
             (self.out if hook.output else self.inp).stops = True
@@ -191,10 +204,11 @@ class Recorder:
         module = self.module
         while keys:
             key = keys[-1]
-            module._forward_hooks.pop(key, None)
-            module._forward_pre_hooks.pop(key, None)
-            module._forward_pre_hooks_with_kwargs.pop(key, None)
-            _HEADS.discard(key)
+            if module._forward_hooks.pop(key, None) is None:
+                module._forward_pre_hooks.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+            if key in _HEADS:
+                _HEADS.discard(key)
             keys.pop()
 
     # -- the adapters ----------------------------------------------------------------
@@ -247,14 +261,17 @@ class Recorder:
                 side.replays = Replays()
             call = side.replays.call(side.edit_calls)
         edit: Any = side.edit
-        site = self._site(side, side.sites, side.kind, call)
+        sites = self.sites.get(side.kind)
+        site = sites[call] if sites and call < len(sites) else self._site(side.kind, call)
         if self.hook.whole:
             return _edit_whole(edit, value, site)
         x = value if type(value) is Tensor else primary(value)
         if x is None:
             raise _no_primary(self.name, side.kind, value)
         try:
-            y = check_result(x, edit(x, site))
+            y = edit(x, site)
+            if not edit.result_checked:
+                y = check_result(x, y)
         except HookfnError as error:
             raise in_context(error, edit, site) from None
         if y is x:
@@ -301,20 +318,24 @@ class Recorder:
             if new is None:
                 return None
             tensor = new
-        site = self._site(side, [], side.grad_kind, call)
+        site = self._site(side.grad_kind, call)
         tensor.register_hook(  # type: ignore[no-untyped-call]
             _gradient_hook(grads, slot, side.edit_grad, site, side.keep_grad, self.copy)
         )
         self.grad_targets.append(gradient_edge(tensor))
         return None if new is None else replace_primary(value, new)
 
-    def _site(self, side: _Side, sites: list[Site], kind: SiteKind, call: int) -> Site:
-        if call < len(sites):
+    def _site(self, kind: SiteKind, call: int) -> Site:
+        sites = self.sites.get(kind)
+        if sites is not None and call < len(sites):
             return sites[call]
-        site = Site(self.name, call=call, kind=kind, module=self.module)
-        if call == len(sites):
-            sites.append(site)
-        return site
+        if call >= _KEEP_SITES:  # (a module called very often, e.g. in generation)
+            return Site._weak(self.name, call, kind, self.module)
+        with _SITES_LOCK:  # the sites of a kept plan are shared by concurrent runs
+            sites = self.sites.setdefault(kind, [])
+            while len(sites) <= call:
+                sites.append(Site._weak(self.name, len(sites), kind, self.module))
+        return sites[call]
 
     # -- results -----------------------------------------------------------------------
 

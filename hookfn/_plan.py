@@ -23,10 +23,11 @@ from typing import Any, NamedTuple, Union
 from torch import nn
 from typing_extensions import TypeAlias
 
-from ._compile import enclosing
+from ._compile import compiler_loaded, enclosing
 from ._errors import SpecError
 from ._hook import CAPTURE, Hook, SpecValue, to_hook
 from ._keys import Names, is_glob, path_to, resolve_key, unwrap
+from ._site import Site
 
 __all__ = ["Plan", "Planned", "Spec", "make_plan", "plan"]
 
@@ -48,6 +49,9 @@ class Planned(NamedTuple):
     module: nn.Module
     hook: Hook
     order: int  # position in `named_modules()` order
+    # The `Site` objects edits receive, by kind, one per call: kept with a kept resolution,
+    # so made once for the runs of a spec (they refer to the module weakly).
+    sites: dict[str, list[Site]]
 
 
 class Plan(NamedTuple):
@@ -67,6 +71,12 @@ class Plan(NamedTuple):
 
 
 EMPTY = Plan((), ())
+
+
+def _planned(fields: tuple[str, nn.Module, Hook, int, dict[str, list[Site]]]) -> Planned:
+    """``Planned(*fields)`` without the named tuple's Python-level ``__new__`` (made for
+    every site of every run)."""
+    return tuple.__new__(Planned, fields)  # type: ignore[type-var]
 
 
 def plan(model: nn.Module, spec: object) -> tuple[Planned, ...]:
@@ -121,20 +131,25 @@ def make_plan(model: nn.Module, spec: object) -> Plan:
 
 
 def _with_hooks(
-    entries: Sequence[tuple[int, str, nn.Module, int]],
+    entries: Sequence[tuple[int, str, nn.Module, int, dict[str, list[Site]]]],
     values: list[object] | None,
     keys: tuple[object, ...],
 ) -> tuple[Planned, ...]:
     """A kept resolution's sites, with the hooks of this run's spec values."""
     if values is None:
-        return tuple(Planned(name, module, CAPTURE, order) for _, name, module, order in entries)
+        return tuple(
+            [
+                _planned((name, module, CAPTURE, order, sites))
+                for _, name, module, order, sites in entries
+            ]
+        )
     made: dict[int, Hook] = {}  # a glob's hook, made once for all its matches
     planned = []
-    for position, name, module, order in entries:
+    for position, name, module, order, sites in entries:
         hook = made.get(position)
         if hook is None:
             hook = made[position] = to_hook(values[position], str(keys[position]))
-        planned.append(Planned(name, module, hook, order))
+        planned.append(_planned((name, module, hook, order, sites)))
     return tuple(planned)
 
 
@@ -175,10 +190,15 @@ def _resolve(
                 position,
             )
     picked = sorted(chosen.values(), key=lambda entry: entry[2])
-    sites = tuple(Planned(name, module, hook, order) for name, module, order, _, hook, *_ in picked)
+    sites = tuple(
+        Planned(name, module, hook, order, {}) for name, module, order, _, hook, *_ in picked
+    )
     around = tuple(enclosing(model, [(p.name, p.module) for p in sites]))
     if keep and all(p.module is not model for p in sites):
-        entries = [(position, name, module, order) for name, module, order, *_, position in picked]
+        entries = [
+            (position, p.name, p.module, p.order, p.sites)
+            for p, (*_, position) in zip(sites, picked, strict=True)
+        ]
         _keep(model, keys, _Kept.make(inner, entries, around, globbed))
     return Plan(sites, around)
 
@@ -186,23 +206,24 @@ def _resolve(
 class _Kept:
     """A resolution of one tuple of keys on one model, kept for later runs (weakly)."""
 
-    __slots__ = ("around", "checks", "entries")
+    __slots__ = ("around", "checks", "entries", "parallel")
 
     def __init__(
         self,
-        entries: tuple[tuple[int, str, weakref.ref[nn.Module], int], ...],
+        entries: tuple[tuple[int, str, weakref.ref[nn.Module], int, dict[str, list[Site]]], ...],
         around: tuple[tuple[str, weakref.ref[nn.Module], bool], ...],
         checks: tuple[_Check, ...],
     ) -> None:
         self.entries = entries
         self.around = around
         self.checks = checks
+        self.parallel = any(isinstance(ref(), nn.DataParallel) for _, ref, _ in around)
 
     @classmethod
     def make(
         cls,
         inner: nn.Module,
-        entries: list[tuple[int, str, nn.Module, int]],
+        entries: list[tuple[int, str, nn.Module, int, dict[str, list[Site]]]],
         around: tuple[tuple[str, nn.Module, bool], ...],
         globbed: bool,
     ) -> _Kept:
@@ -212,7 +233,7 @@ class _Kept:
         else:
             steps: dict[tuple[int, bool], dict[str, nn.Module]] = {}
             parents: dict[int, nn.Module] = {}
-            for _, name, _, _ in entries:
+            for _, name, *_ in entries:
                 for link in path_to(inner, name) or ():
                     parents[id(link.parent)] = link.parent
                     steps.setdefault((id(link.parent), link.alias), {})[link.part] = link.child
@@ -222,7 +243,8 @@ class _Kept:
             )
         return cls(
             tuple(
-                (position, name, ref(module), order) for position, name, module, order in entries
+                (position, name, ref(module), order, sites)
+                for position, name, module, order, sites in entries
             ),
             tuple((label, ref(module), is_site) for label, module, is_site in around),
             checks,
@@ -231,18 +253,26 @@ class _Kept:
     def get(
         self,
     ) -> (
-        tuple[list[tuple[int, str, nn.Module, int]], tuple[tuple[str, nn.Module, bool], ...]] | None
+        tuple[
+            list[tuple[int, str, nn.Module, int, dict[str, list[Site]]]],
+            tuple[tuple[str, nn.Module, bool], ...],
+        ]
+        | None
     ):
         """The sites and the modules around them, or None where the model changed since."""
         for check in self.checks:
             if not check.holds():
                 return None
         entries = []
-        for position, name, ref, order in self.entries:
+        for position, name, ref, order, sites in self.entries:
             module = ref()
             if module is None:
                 return None
-            entries.append((position, name, module, order))
+            entries.append((position, name, module, order, sites))
+        if not self.parallel and not compiler_loaded():
+            # What is around the sites matters only for compiled code (none can exist before
+            # torch.compile is loaded) and DataParallel threads.
+            return entries, ()
         around = []
         for label, ref, is_site in self.around:
             module = ref()
@@ -290,7 +320,10 @@ class _Check:
             where = parent._modules
             if tuple(where) != self.names:  # a child added, removed, renamed or moved
                 return False
-        return all(where.get(part) is child() for part, child in self.children)
+        for part, child in self.children:  # noqa: SIM110  (all() with a generator costs twice)
+            if where.get(part) is not child():
+                return False
+        return True
 
 
 # id(model) -> (a weak reference to the model, its kept resolutions by tuple of keys). Keyed

@@ -131,6 +131,8 @@ def run_with_hooks(
         fn = state_call(model, call, params, buffers)
     check_inputs(inputs)
     trace = TraceMultiple(model, spec, stop_early=stop_early, strict=strict, _eager_root=eager_root)
+    if not trace.sites and backward is None:  # nothing to hook: nothing to open or close
+        return (fn(inputs) if type(inputs) is Tensor else call_with(fn, inputs)), {}
     output: Any = None
     stopped = False
     try:

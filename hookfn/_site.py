@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Literal
 
 from torch import nn
@@ -12,7 +13,7 @@ __all__ = ["Site", "SiteKind"]
 SiteKind: TypeAlias = Literal["output", "input", "grad_output", "grad_input"]
 
 
-_READ_ONLY = frozenset({"call", "kind", "module"})
+_READ_ONLY = frozenset({"call", "kind", "module", "_module"})
 
 
 class Site(str):
@@ -40,15 +41,31 @@ class Site(str):
 
     call: int
     kind: SiteKind
-    module: nn.Module
 
     def __new__(cls, name: str, *, call: int, kind: SiteKind, module: nn.Module) -> Self:
         self = super().__new__(cls, name)
         set_ = object.__setattr__
         set_(self, "call", call)
         set_(self, "kind", kind)
-        set_(self, "module", module)
+        set_(self, "_module", module)
         return self
+
+    @classmethod
+    def _weak(cls, name: str, call: int, kind: SiteKind, module: nn.Module) -> Self:
+        """A site that refers to its module weakly: kept with a plan between runs, it does
+        not keep the model alive."""
+        self = super().__new__(cls, name)
+        set_ = object.__setattr__
+        set_(self, "call", call)
+        set_(self, "kind", kind)
+        set_(self, "_module", weakref.ref(module))
+        return self
+
+    @property
+    def module(self) -> nn.Module:
+        """The module itself (read it, never change it)."""
+        module = self.__dict__["_module"]
+        return module if isinstance(module, nn.Module) else module()  # type: ignore[no-any-return]
 
     def __setattr__(self, name: str, value: object) -> None:
         if name in _READ_ONLY:

@@ -152,7 +152,8 @@ class TraceMultiple(Mapping[str, "Trace"]):
         self._reset: contextvars.Token[frozenset[object]] | None = None
         self._stopped = False
         self.grad_targets: list[GradientEdge] = []
-        self._recorders: dict[str, Recorder] = self._fresh(object(), -1)
+        self._by_name: dict[str, Planned] = {p.name: p for p in plan.sites}
+        self._recorders: dict[str, Recorder] = {}  # of the latest run, made as it opens
         self._views: dict[str, Trace] = {}
 
     def _fresh(self, token: object, base: int) -> dict[str, Recorder]:
@@ -162,7 +163,7 @@ class TraceMultiple(Mapping[str, "Trace"]):
             stopper = Stopper(token, capturing) if capturing else None
         targets = self.grad_targets
         return {
-            p.name: Recorder(p.name, p.module, p.hook, token, base, stopper, targets)
+            p.name: Recorder(p.name, p.module, p.hook, token, base, stopper, targets, p.sites)
             for p in self.sites
         }
 
@@ -261,7 +262,9 @@ class TraceMultiple(Mapping[str, "Trace"]):
     # -- results ----------------------------------------------------------------------
 
     def _capture_of(self, name: str) -> Capture:
-        recorder = self._recorders[name]
+        recorder = self._recorders.get(name)
+        if recorder is None:  # never entered
+            return make_capture(name, (), (), (), ())
         return make_capture(
             name,
             tuple(recorder.out.records),
@@ -276,34 +279,34 @@ class TraceMultiple(Mapping[str, "Trace"]):
         Each call builds them from the records as they are now: a gradient recorded by a
         backward pass after the block is in the captures taken after it.
         """
-        return {name: self._capture_of(name) for name in self._recorders}
+        return {name: self._capture_of(name) for name in self._by_name}
 
     def __getitem__(self, name: str) -> Trace:
         view = self._views.get(name)
         if view is None:
-            if name not in self._recorders:
+            if name not in self._by_name:
                 raise CaptureError(
-                    f"no traced layer named {name!r}; traced layers: {list(self._recorders)}"
+                    f"no traced layer named {name!r}; traced layers: {list(self._by_name)}"
                 )
             view = self._views[name] = Trace._view_of(self, name)
         return view
 
     def __contains__(self, name: object) -> bool:
-        return name in self._recorders
+        return name in self._by_name
 
     def get(self, name: str, default: Any = None) -> Any:
         """``tm[name]`` if ``name`` is a traced layer, else ``default``."""
-        return self[name] if name in self._recorders else default
+        return self[name] if name in self._by_name else default
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._recorders)
+        return iter(self._by_name)
 
     def __len__(self) -> int:
-        return len(self._recorders)
+        return len(self._by_name)
 
     def __repr__(self) -> str:
         state = "active" if self._token is not None else "closed"
-        return f"{type(self).__name__}({list(self._recorders)}, {state})"
+        return f"{type(self).__name__}({list(self._by_name)}, {state})"
 
 
 class Trace(TraceMultiple):
@@ -390,12 +393,12 @@ class Trace(TraceMultiple):
     @property
     def module(self) -> nn.Module:
         """The hooked module."""
-        return self._source._recorders[self._name].module
+        return self._source._by_name[self._name].module
 
     @property
     def hook(self) -> Hook:
         """What the trace does at its layer."""
-        return self._source._recorders[self._name].hook
+        return self._source._by_name[self._name].hook
 
     @property
     def capture(self) -> Capture:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FunctionType
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import torch
 from torch import Tensor
@@ -42,6 +42,10 @@ class Edit:
     """
 
     __slots__ = ()
+
+    # True where the edit's result is always a tensor of x's shape, dtype and device: the
+    # hook path then skips `check_result` (every other edit's result is checked).
+    result_checked: ClassVar[bool] = False
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
         raise NotImplementedError

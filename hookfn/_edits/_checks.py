@@ -61,6 +61,12 @@ def _operand(value: Operand, x: Tensor, what: str, *, on_bool: bool = False) -> 
     `EditError`). Arithmetic on a bool activation is refused unless ``on_bool``.
     """
     if isinstance(value, Tensor):
+        # The common case first: x's dtype and device, and x's trailing shape (a vector
+        # along the last dimension, or x's own shape).
+        if value.dtype is x.dtype and value.device == x.device:
+            n = value.dim()
+            if n <= x.dim() and (n == 0 or value.shape == x.shape[-n:]):
+                return value
         if value.shape != x.shape and not _broadcasts(value.shape, x.shape):
             raise _broadcast_error(what, value.shape, x)
         if value.dtype is x.dtype and value.device == x.device:

@@ -25,8 +25,20 @@ class Add(_Value):
 
     value: Operand
 
+    result_checked = True  # x's dtype and device, and x's shape (checked below)
+
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        return x + _operand(self.value, x, "value")
+        value = self.value
+        if type(value) is Tensor and value.dtype is x.dtype and value.device == x.device:
+            # The common case: the sum's own shape tells whether value broadcast to x.
+            try:
+                y = x + value
+            except RuntimeError:
+                pass  # the checked path below raises the error that explains it
+            else:
+                if y.is_same_size(x):
+                    return y
+        return x + _operand(value, x, "value")
 
     def __repr__(self) -> str:
         return f"add({_short_repr(self.value)})"
