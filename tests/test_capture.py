@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from reference import raw_run
 from torch import Tensor, nn
 
 from hookfn import Args, Capture, CaptureError, Hook, add, primary, run_with_hooks
@@ -240,17 +241,11 @@ def _linear_relu_inplace() -> nn.Sequential:
 def test_clone_keeps_the_capture_faithful_under_a_following_inplace_op():
     model = _linear_relu_inplace()
     x = torch.randn(8, 4)
-    ref: list[Tensor] = []
-    handle = model[0].register_forward_hook(lambda m, i, o: ref.append(o.detach().clone()))
-    try:
-        with torch.no_grad():
-            out_ref = model(x)
-    finally:
-        handle.remove()
-    assert (ref[0] < 0).any()  # ReLU(inplace=True) changes that tensor afterwards
+    out_ref, ref = raw_run(model, x, capture=["0"])
+    assert (ref["0"] < 0).any()  # ReLU(inplace=True) changes that tensor afterwards
     with torch.no_grad():
         out, caches = run_with_hooks(model, x, ["0"])
-    assert torch.equal(caches["0"].output, ref[0])
+    assert torch.equal(caches["0"].output, ref["0"])
     assert torch.equal(out, out_ref)
 
 
@@ -327,23 +322,17 @@ def test_device_and_dtype_options(options, dtype, same_storage):
 
 
 def test_gpt2_attention_tuple_output(tiny_gpt2, gpt2_inputs):
-    attn = tiny_gpt2.transformer.h[0].attn
-    raw: list[Any] = []
-    handle = attn.register_forward_hook(lambda m, i, o: raw.append(o))
-    try:
-        with torch.no_grad():
-            tiny_gpt2(**gpt2_inputs)
-    finally:
-        handle.remove()
-    assert isinstance(raw[0], tuple)  # the structure this test is about
+    _, whole = raw_run(tiny_gpt2, gpt2_inputs, capture=["transformer.h.0.attn"], whole=True)
+    raw = whole["transformer.h.0.attn"]
+    assert isinstance(raw, tuple)  # the structure this test is about
     with torch.no_grad():
         _, caches = run_with_hooks(tiny_gpt2, gpt2_inputs, ["transformer.h.0.attn"])
     capture = caches["transformer.h.0.attn"]
     assert isinstance(capture.output, Tensor)
-    assert torch.equal(capture.output, raw[0][0])
+    assert torch.equal(capture.output, raw[0])
     assert isinstance(capture.raw_output, tuple)
-    assert len(capture.raw_output) == len(raw[0])
-    assert capture.raw_output[1:] == raw[0][1:]
+    assert len(capture.raw_output) == len(raw)
+    assert capture.raw_output[1:] == raw[1:]
     assert capture.output.shape == (2, 6, 32)  # the whole batch, not output[0] of a tensor
 
 
@@ -351,16 +340,7 @@ def test_gpt2_attention_edit_changes_only_the_first_element(tiny_gpt2, gpt2_inpu
     attn = tiny_gpt2.transformer.h[1].attn
     delta = _delta((32,), seed=3)
     seen: list[Any] = []
-
-    def raw(m: nn.Module, i: Any, o: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (o[0] + delta, *o[1:])
-
-    handle = attn.register_forward_hook(raw)
-    try:
-        with torch.no_grad():
-            want = tiny_gpt2(**gpt2_inputs).logits
-    finally:
-        handle.remove()
+    want = raw_run(tiny_gpt2, gpt2_inputs, {"transformer.h.1.attn": lambda h: h + delta})[0].logits
     # what the rest of the block receives
     handle = attn.register_forward_hook(lambda m, i, o: seen.append(o))
     try:

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor, nn
+from reference import raw_run
+from torch import nn
 
 from hookfn import HookfnError, LayerNotFoundError, SpecError, add, run_with_hooks
 from hookfn._plan import plan
@@ -270,32 +271,19 @@ def test_compile_of_data_parallel_accepts_every_partial_prefix(tiny_gpt2):
 def test_data_parallel_runs_with_both_name_styles(tiny_gpt2, gpt2_inputs, keys, names):
     delta = torch.randn(32, generator=torch.Generator().manual_seed(0))
     wrapped = nn.DataParallel(tiny_gpt2)  # on CPU it runs the module directly
-    refs: list[list[Tensor]] = [[], []]
-
-    def store(i: int) -> Any:
-        return lambda m, a, o: refs[i].append(o.detach().clone())
-
-    handles = [
-        tiny_gpt2.transformer.h[0].register_forward_hook(lambda m, a, o: o + delta),
-        tiny_gpt2.transformer.h[0].register_forward_hook(store(0)),
-        tiny_gpt2.transformer.h[1].register_forward_hook(store(1)),
-    ]
-    try:
-        with torch.no_grad():
-            want = tiny_gpt2(**gpt2_inputs).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    blocks = ["transformer.h.0", "transformer.h.1"]
+    ref_out, ref = raw_run(tiny_gpt2, gpt2_inputs, {blocks[0]: lambda o: o + delta}, blocks)
+    want = ref_out.logits
     spec = {keys[0]: add(delta), **{k: "capture" for k in keys[1:]}}
     with torch.no_grad():
         out, caches = run_with_hooks(wrapped, gpt2_inputs, spec)
     assert list(caches) == names
     if keys[0].endswith("*"):  # the glob got the edit on both blocks: compare block 0 only
-        assert caches[names[0]].output.shape == refs[0][0].shape
+        assert caches[names[0]].output.shape == ref[blocks[0]].shape
         return
     assert torch.equal(out.logits, want)
-    assert torch.equal(caches[names[0]].output, refs[0][0])
-    assert torch.equal(caches[names[1]].output, refs[1][0])
+    assert torch.equal(caches[names[0]].output, ref[blocks[0]])
+    assert torch.equal(caches[names[1]].output, ref[blocks[1]])
 
 
 def test_data_parallel_unknown_prefixed_name_suggests_prefixed_names(tiny_gpt2):

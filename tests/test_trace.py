@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from reference import raw_hooks, raw_inputs, raw_run
 from torch import Tensor, nn
 
 from hookfn import CaptureError, Hook, HookfnError, SpecError, Trace, TraceMultiple
@@ -25,23 +26,14 @@ def test_deephook_readme_example(tiny_gpt2, gpt2_inputs):
     encoded_input = gpt2_inputs
 
     # Reference: plain hooks doing what the README describes.
-    ref: dict[str, Any] = {}
-    h0 = model.transformer.h[0]
-    handles = [
-        model.transformer.wpe.register_forward_hook(
-            lambda m, i, o: ref.__setitem__("wpe", o.detach().clone())
-        ),
-        h0.register_forward_pre_hook(lambda m, a: ref.__setitem__("h0_in", a[0].detach().clone())),
-        h0.register_forward_hook(lambda m, i, o: ref.__setitem__("h0_out", (o + 1).detach())),
-    ]
-    # (the last hook stores the edited value; a second one applies the same edit)
-    handles.append(h0.register_forward_hook(lambda m, i, o: o + 1))
-    try:
-        with torch.no_grad():
-            ref_logits = model(**encoded_input).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    names = ["transformer.wpe", "transformer.h.0"]
+    with (
+        torch.no_grad(),
+        raw_hooks(model, {"transformer.h.0": lambda o: o + 1}, names) as ref,
+        raw_inputs(model, ["transformer.h.0"]) as ref_inputs,
+    ):
+        ref_logits = model(**encoded_input).logits
+    ((h0_args, _),) = ref_inputs["transformer.h.0"]
 
     # --- the README, verbatim ---
     def edit_fn(output):
@@ -62,9 +54,9 @@ def test_deephook_readme_example(tiny_gpt2, gpt2_inputs):
     h0_output = tm["transformer.h.0"].output
     # --- end of the README ---
 
-    assert torch.equal(wpe_output, ref["wpe"])
-    assert torch.equal(h0_input, ref["h0_in"])
-    assert torch.equal(h0_output, ref["h0_out"])  # the EDITED output
+    assert torch.equal(wpe_output, ref["transformer.wpe"][0])
+    assert torch.equal(h0_input, h0_args[0])
+    assert torch.equal(h0_output, ref["transformer.h.0"][0])  # the EDITED output
     assert torch.equal(out.logits, ref_logits)
     with torch.no_grad():
         assert not torch.allclose(model(**encoded_input).logits, ref_logits)  # edit mattered
@@ -82,24 +74,14 @@ def test_edit_fn_with_one_or_two_arguments(tiny_gpt2, gpt2_inputs, takes_layer):
         layers_seen.append(layer)
         return output + delta
 
-    block = tiny_gpt2.transformer.h[1]
-    edited: list[Tensor] = []
-
-    def raw(m: nn.Module, i: Any, o: Tensor) -> Tensor:
-        edited.append((o + delta).detach())
-        return o + delta
-
-    handle = block.register_forward_hook(raw)
-    try:
-        with torch.no_grad():
-            want = tiny_gpt2(**gpt2_inputs).logits
-    finally:
-        handle.remove()
+    block = "transformer.h.1"
+    ref_out, edited = raw_run(tiny_gpt2, gpt2_inputs, {block: lambda o: o + delta}, [block])
+    want = ref_out.logits
     edit = edit_two if takes_layer else edit_one
     with Trace(tiny_gpt2, "transformer.h.1", edit_output=edit) as trace, torch.no_grad():
         out = tiny_gpt2(**gpt2_inputs)
     assert torch.equal(out.logits, want)
-    assert torch.equal(trace.output, edited[0])
+    assert torch.equal(trace.output, edited[block])
     if takes_layer:
         assert layers_seen == ["transformer.h.1"]
         assert isinstance(layers_seen[0], str)
@@ -118,8 +100,7 @@ def test_edit_returning_none_leaves_output_unchanged(tiny_gpt2, gpt2_inputs, kin
 
     with torch.no_grad():
         want = tiny_gpt2(**gpt2_inputs).logits
-        with raw_store(tiny_gpt2.transformer.h[0]) as ref:
-            tiny_gpt2(**gpt2_inputs)
+        _, ref = raw_run(tiny_gpt2, gpt2_inputs, capture=["transformer.h.0"])
         if kind == "Trace":
             ctx: Any = Trace(tiny_gpt2, "transformer.h.0", edit_output=observe)
         else:
@@ -129,22 +110,7 @@ def test_edit_returning_none_leaves_output_unchanged(tiny_gpt2, gpt2_inputs, kin
     trace = t if kind == "Trace" else t["transformer.h.0"]
     assert calls == [1]
     assert torch.equal(out.logits, want)
-    assert torch.equal(trace.output, ref[0])
-
-
-class raw_store:
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.store: list[Tensor] = []
-
-    def __enter__(self) -> list[Tensor]:
-        self.handle = self.module.register_forward_hook(
-            lambda m, i, o: self.store.append(o.detach().clone())
-        )
-        return self.store
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
+    assert torch.equal(trace.output, ref["transformer.h.0"])
 
 
 TRACE_FACTORIES = [
@@ -213,16 +179,10 @@ def test_retain_flags(tiny_gpt2, gpt2_inputs):
         tiny_gpt2(**gpt2_inputs)
     with pytest.raises(CaptureError, match="retain_output=True"):
         _ = only_in.output
-    ref: list[Tensor] = []
-    handle = tiny_gpt2.transformer.h[0].register_forward_pre_hook(
-        lambda m, a: ref.append(a[0].detach().clone())
-    )
-    try:
-        with torch.no_grad():
-            tiny_gpt2(**gpt2_inputs)
-    finally:
-        handle.remove()
-    assert torch.equal(only_in.input, ref[0])
+    with torch.no_grad(), raw_inputs(tiny_gpt2, ["transformer.h.0"]) as ref:
+        tiny_gpt2(**gpt2_inputs)
+    ((args, _),) = ref["transformer.h.0"]
+    assert torch.equal(only_in.input, args[0])
 
     with Trace(tiny_gpt2, "transformer.h.0") as only_out, torch.no_grad():
         tiny_gpt2(**gpt2_inputs)
@@ -285,16 +245,14 @@ def test_entering_twice_at_once_is_an_error_and_reentry_after_exit_works(
 
 
 def test_trace_multiple_records_match_raw_hooks_for_every_block(tiny_gpt2, gpt2_inputs):
-    stores = [raw_store(block) for block in tiny_gpt2.transformer.h]
-    with stores[0] as ref0, stores[1] as ref1, torch.no_grad():
-        tiny_gpt2(**gpt2_inputs)
+    _, ref = raw_run(tiny_gpt2, gpt2_inputs, capture=["transformer.h.0", "transformer.h.1"])
     with (
         TraceMultiple(tiny_gpt2, {"transformer.h.*": (True, False, None)}) as tm,
         torch.no_grad(),
     ):
         tiny_gpt2(**gpt2_inputs)
-    assert torch.equal(tm["transformer.h.0"].output, ref0[0])
-    assert torch.equal(tm["transformer.h.1"].output, ref1[0])
+    assert torch.equal(tm["transformer.h.0"].output, ref["transformer.h.0"])
+    assert torch.equal(tm["transformer.h.1"].output, ref["transformer.h.1"])
 
 
 def test_a_gradient_capture_does_not_depend_on_read_order() -> None:
