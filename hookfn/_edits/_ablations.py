@@ -12,26 +12,26 @@ from torch import Tensor
 
 from .._errors import EditError, SpecError
 from .._site import Site
-from ._arguments import _cache_arg, _dim_arg, _int_like, _is_integer_dtype
-from ._base import Cache, Index, _call_repr, _Value
-from ._cache import _cached
-from ._checks import _like, _needs_float
-from ._index import _index_along, _index_kwargs, _replace_features
-from ._parts import _through_views, _whole_shape
+from ._arguments import cache_arg, dim_arg, int_like, is_integer_dtype
+from ._base import Cache, Index, ValueEdit, call_repr
+from ._cache import cached_part
+from ._checks import like_x, needs_float
+from ._index import index_along, index_kwargs, replace_features
+from ._parts import through_views, whole_shape
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Ablate(_Value):
+class Ablate(ValueEdit):
     """Zero the entries ``idx`` along ``dim`` (see `ablate`)."""
 
     idx: Index
     dim: int
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        return _replace_features(x, 0, self.idx, self.dim)
+        return replace_features(x, 0, self.idx, self.dim)
 
     def __repr__(self) -> str:
-        return _call_repr("ablate", *_index_kwargs(self.idx, self.dim))
+        return call_repr("ablate", *index_kwargs(self.idx, self.dim))
 
 
 def ablate(idx: Index = None, dim: int = -1) -> Ablate:
@@ -63,15 +63,15 @@ def ablate(idx: Index = None, dim: int = -1) -> Ablate:
         tensor([[0., 0., 0.],
                 [1., 1., 1.]])
     """
-    return Ablate(_index_along(idx, "ablate(idx)"), _dim_arg(dim, "ablate(..., dim=...)"))
+    return Ablate(index_along(idx, "ablate(idx)"), dim_arg(dim, "ablate(..., dim=...)"))
 
 
 def _over_arg(over: object) -> tuple[int, ...]:
-    single = _int_like(over)
+    single = int_like(over)
     items = [single] if single is not None else over
     if not isinstance(items, (list, tuple, range)):
         raise SpecError(f"mean_ablate(over=...) takes a dim or a list of dims, got {over!r}.")
-    dims = tuple(_dim_arg(d, "mean_ablate(over=...)") for d in items)
+    dims = tuple(dim_arg(d, "mean_ablate(over=...)") for d in items)
     if not dims:
         raise SpecError(
             f"mean_ablate(over={over!r}) averages over no dimension (torch would read that "
@@ -107,7 +107,7 @@ def _over_dims(source: Tensor, over: tuple[int, ...], what: str) -> tuple[int, .
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class MeanAblate(_Value):
+class MeanAblate(ValueEdit):
     """Replace entries ``idx`` along ``dim`` by a mean (see `mean_ablate`)."""
 
     idx: Index
@@ -117,13 +117,13 @@ class MeanAblate(_Value):
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
         if not (x.is_floating_point() or x.is_complex()):
-            _needs_float(x, "mean_ablate", "use ablate or resample_ablate on it (token ids?)")
+            needs_float(x, "mean_ablate", "use ablate or resample_ablate on it (token ids?)")
         if self.cache is None:
             mean = x.mean(dim=_over_dims(x, self.over, "activation"), keepdim=True)
         else:
-            source = _cached(self.cache, site)
+            source = cached_part(self.cache, site)
             dims = _over_dims(source, self.over, "cached activation")
-            whole = _whole_shape(site, x)
+            whole = whole_shape(site, x)
             if source.dim() != len(whole) or any(
                 source.shape[d] != whole[d] for d in range(len(whole)) if d not in dims
             ):
@@ -135,16 +135,16 @@ class MeanAblate(_Value):
                 )
             # The mean in the cache's own precision, then converted.
             mean = source.mean(dim=dims, keepdim=True)
-            mean = _like(_through_views(site, mean.expand(whole)), x, "cached activation")
-        return _replace_features(x, mean, self.idx, self.dim)
+            mean = like_x(through_views(site, mean.expand(whole)), x, "cached activation")
+        return replace_features(x, mean, self.idx, self.dim)
 
     def __repr__(self) -> str:
-        args, kwargs = _index_kwargs(self.idx, self.dim)
+        args, kwargs = index_kwargs(self.idx, self.dim)
         if self.cache is not None:
             kwargs["cache"] = self.cache
         if self.over != (0,):
             kwargs["over"] = self.over[0] if len(self.over) == 1 else self.over
-        return _call_repr("mean_ablate", args, kwargs)
+        return call_repr("mean_ablate", args, kwargs)
 
 
 def mean_ablate(
@@ -185,15 +185,15 @@ def mean_ablate(
                 [1., 3.]])
     """
     return MeanAblate(
-        _index_along(idx, "mean_ablate(idx)"),
-        _dim_arg(dim, "mean_ablate(..., dim=...)"),
-        None if cache is None else _cache_arg(cache, "mean_ablate(cache=...)"),
+        index_along(idx, "mean_ablate(idx)"),
+        dim_arg(dim, "mean_ablate(..., dim=...)"),
+        None if cache is None else cache_arg(cache, "mean_ablate(cache=...)"),
         _over_arg(over),
     )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class ResampleAblate(_Value):
+class ResampleAblate(ValueEdit):
     """Replace entries ``idx`` along ``dim`` by those of other inputs (see
     `resample_ablate`)."""
 
@@ -208,8 +208,8 @@ class ResampleAblate(_Value):
             source = x
             whole = x.shape
         else:
-            source = _like(_cached(self.cache, site), x, "cached activation")
-            whole = _whole_shape(site, x)
+            source = like_x(cached_part(self.cache, site), x, "cached activation")
+            whole = whole_shape(site, x)
         if source.dim() == 0 or len(whole) == 0:
             raise EditError(
                 "resampling picks rows of dimension 0 (the batch), but the activation is a scalar."
@@ -224,8 +224,8 @@ class ResampleAblate(_Value):
                     f"shape {tuple(whole)}; apart from the batch the shapes must match; pass "
                     "perm=[...] with one cached row per row of the batch."
                 )
-            picked = _through_views(site, picked)
-        return _replace_features(x, picked, self.idx, self.dim)
+            picked = through_views(site, picked)
+        return replace_features(x, picked, self.idx, self.dim)
 
     def _rows(self, n_source: int, n_rows: int) -> Tensor | None:
         if self.perm is not None:
@@ -247,14 +247,14 @@ class ResampleAblate(_Value):
         return torch.tensor(_derangement(n_source, self.seed), dtype=torch.long)
 
     def __repr__(self) -> str:
-        args, kwargs = _index_kwargs(self.idx, self.dim)
+        args, kwargs = index_kwargs(self.idx, self.dim)
         if self.cache is not None:
             kwargs["cache"] = self.cache
         if self.perm is not None:
             kwargs["perm"] = list(self.perm)
         elif self.cache is None:
             kwargs["seed"] = self.seed
-        return _call_repr("resample_ablate", args, kwargs)
+        return call_repr("resample_ablate", args, kwargs)
 
 
 @functools.lru_cache(maxsize=256)
@@ -277,7 +277,7 @@ def _derangement(n: int, seed: int) -> tuple[int, ...]:
 def _perm_arg(perm: object) -> tuple[int, ...]:
     what = "resample_ablate(perm=...)"
     if isinstance(perm, Tensor):
-        if perm.dim() != 1 or not _is_integer_dtype(perm.dtype):
+        if perm.dim() != 1 or not is_integer_dtype(perm.dtype):
             raise SpecError(
                 f"{what} takes a 1-D integer tensor or a list of row indices, got a tensor of "
                 f"shape {tuple(perm.shape)} and dtype {perm.dtype}."
@@ -291,7 +291,7 @@ def _perm_arg(perm: object) -> tuple[int, ...]:
         raise SpecError(f"{what}: an empty perm names no row; pass one row per row of the batch.")
     rows = []
     for item in items:
-        row = _int_like(item)
+        row = int_like(item)
         if row is None or row < 0:
             raise SpecError(
                 f"{what}: {item!r} is not a row index; pass ints in [0, n), n the number of "
@@ -345,7 +345,7 @@ def resample_ablate(
                 [4., 3.]])
     """
     rows = None if perm is None else _perm_arg(perm)
-    seed_value = _int_like(seed)
+    seed_value = int_like(seed)
     if seed_value is None or seed_value < 0:
         raise SpecError(
             f"resample_ablate(seed=...) takes a non-negative int (the same seed draws the same "
@@ -357,9 +357,9 @@ def resample_ablate(
             "given; with either, no rows are drawn: drop seed=."
         )
     return ResampleAblate(
-        _index_along(idx, "resample_ablate(idx)"),
-        _dim_arg(dim, "resample_ablate(..., dim=...)"),
-        None if cache is None else _cache_arg(cache, "resample_ablate(cache=...)"),
+        index_along(idx, "resample_ablate(idx)"),
+        dim_arg(dim, "resample_ablate(..., dim=...)"),
+        None if cache is None else cache_arg(cache, "resample_ablate(cache=...)"),
         rows,
         seed_value,
     )

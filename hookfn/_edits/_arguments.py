@@ -18,26 +18,26 @@ Number: TypeAlias = Union[int, float, complex]
 Operand: TypeAlias = Union[Tensor, int, float, complex]
 
 
-def _is_bool(value: object) -> bool:
+def is_bool(value: object) -> bool:
     """A Python or numpy bool (numpy's is no subclass of `bool`)."""
     return isinstance(value, bool) or (
         type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
     )
 
 
-def _is_integer_dtype(dtype: torch.dtype) -> bool:
+def is_integer_dtype(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype is not torch.bool
 
 
-def _int_like(value: object) -> int | None:
+def int_like(value: object) -> int | None:
     """``value`` as an int when it is an integer (an int, a numpy integer, a 0-d integer
     tensor), else None. A bool is not an integer here: as an index it means something else."""
-    if _is_bool(value):
+    if is_bool(value):
         return None
     if isinstance(value, int):
         return int(value)
     if isinstance(value, Tensor):
-        if value.dim() == 0 and _is_integer_dtype(value.dtype):
+        if value.dim() == 0 and is_integer_dtype(value.dtype):
             return int(value.item())
         return None
     if isinstance(value, numbers.Integral):
@@ -45,8 +45,8 @@ def _int_like(value: object) -> int | None:
     return None
 
 
-def _dim_arg(dim: object, what: str) -> int:
-    found = _int_like(dim)
+def dim_arg(dim: object, what: str) -> int:
+    found = int_like(dim)
     if found is None:
         raise SpecError(f"{what} takes an int (a dimension), got {dim!r}.")
     return found
@@ -55,7 +55,7 @@ def _dim_arg(dim: object, what: str) -> int:
 def _number(value: object) -> Number | None:
     """A real or complex number (numpy's included) as a Python number; None for anything
     else, bools included."""
-    if _is_bool(value) or isinstance(value, Tensor):
+    if is_bool(value) or isinstance(value, Tensor):
         return None
     if isinstance(value, numbers.Integral):
         return int(value)
@@ -66,7 +66,7 @@ def _number(value: object) -> Number | None:
     return None
 
 
-def _operand_arg(value: object, what: str) -> Operand:
+def operand_arg(value: object, what: str) -> Operand:
     """A number or a tensor to combine with the activation (``add(value)``, ...)."""
     number = _number(value)
     if number is not None:
@@ -86,14 +86,14 @@ def _operand_arg(value: object, what: str) -> Operand:
     raise SpecError(f"{what} takes a number or a tensor, got {type(value).__name__}.{hint}")
 
 
-def _real_arg(value: object, what: str, *, finite: bool = False) -> Tensor | int | float:
+def real_arg(value: object, what: str, *, finite: bool = False) -> Tensor | int | float:
     """A real number or a real tensor (a bound, a steering length); NaN refused, and ±inf
     too when ``finite``."""
-    operand = _operand_arg(value, what)
+    operand = operand_arg(value, what)
     if isinstance(operand, complex) or (isinstance(operand, Tensor) and operand.is_complex()):
         raise SpecError(f"{what} takes a real number or a real tensor, got {value!r}.")
     if isinstance(operand, Tensor):
-        if _concrete(operand):
+        if concrete_value(operand):
             bad = ~torch.isfinite(operand) if finite else torch.isnan(operand)
             if bool(bad.any()):
                 raise SpecError(
@@ -108,14 +108,14 @@ def _real_arg(value: object, what: str, *, finite: bool = False) -> Tensor | int
     return operand
 
 
-def _concrete(tensor: Tensor) -> bool:
+def concrete_value(tensor: Tensor) -> bool:
     """Whether ``tensor``'s values can be read now: not while torch.func transforms it (a
     batched or grad-tracking wrapper), where a check on them would be data-dependent."""
     wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return tensor.device.type != "meta" and not (wrapped is not None and wrapped(tensor))
 
 
-def _cache_arg(cache: object, what: str) -> dict[str, Capture]:
+def cache_arg(cache: object, what: str) -> dict[str, Capture]:
     """A private copy of a ``{layer: Capture}`` dict: changing the caller's dict later does
     not change the edit (the captures themselves are immutable)."""
     if isinstance(cache, Capture):

@@ -431,7 +431,7 @@ def _tensor_repr(value: Tensor) -> str:
     return f"tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
 
 
-def _short_repr(value: object) -> str:
+def short_repr(value: object) -> str:
     if isinstance(value, Tensor):
         return _tensor_repr(value)
     if isinstance(value, Mapping):
@@ -447,22 +447,22 @@ def _short_repr(value: object) -> str:
         return f"slice({value.start!r}, {value.stop!r})"
     if isinstance(value, tuple):
         return (
-            "(" + ", ".join(_short_repr(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+            "(" + ", ".join(short_repr(v) for v in value) + ("," if len(value) == 1 else "") + ")"
         )
     if isinstance(value, list):
-        return "[" + ", ".join(_short_repr(v) for v in value) + "]"
+        return "[" + ", ".join(short_repr(v) for v in value) + "]"
     if value is Ellipsis:
         return "..."
     return repr(value)
 
 
-def _call_repr(name: str, args: Sequence[object], kwargs: Mapping[str, object] = {}) -> str:
-    parts = [_short_repr(a) for a in args]
-    parts += [f"{k}={_short_repr(v)}" for k, v in kwargs.items()]
+def call_repr(name: str, args: Sequence[object], kwargs: Mapping[str, object] = {}) -> str:
+    parts = [short_repr(a) for a in args]
+    parts += [f"{k}={short_repr(v)}" for k, v in kwargs.items()]
     return f"{name}({', '.join(parts)})"
 
 
-class _Value(Edit):
+class ValueEdit(Edit):
     """Field-wise equality (tensors and caches by value, NaN equal to NaN, ``True`` unequal
     to ``1``) and a matching hash."""
 

@@ -12,13 +12,13 @@ from torch import Tensor
 from .._capture import primary
 from .._errors import EditError
 from .._site import Site
-from ._arguments import _cache_arg
-from ._base import Cache, _call_repr, _Value
-from ._checks import _like
-from ._parts import _through_views, _whole_shape
+from ._arguments import cache_arg
+from ._base import Cache, ValueEdit, call_repr
+from ._checks import like_x
+from ._parts import through_views, whole_shape
 
 
-def _cached(cache: Cache, site: Site) -> Tensor:
+def cached_part(cache: Cache, site: Site) -> Tensor:
     """The tensor recorded at ``site`` (same layer, call and kind) in ``cache``; the
     message of a missing one names the layer, since that is what is missing."""
     name = str.__str__(site)
@@ -67,14 +67,14 @@ _HOW = {
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class PatchFrom(_Value):
+class PatchFrom(ValueEdit):
     """The activation recorded at the same layer and call in a cache (see `patch_from`)."""
 
     cache: Cache
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        source = _cached(self.cache, site)
-        whole = _whole_shape(site, x)
+        source = cached_part(self.cache, site)
+        whole = whole_shape(site, x)
         if source.shape != whole:
             raise EditError(
                 f"the cached activation has shape {tuple(source.shape)}, but this run's has "
@@ -83,13 +83,13 @@ class PatchFrom(_Value):
             )
         # The part the edit is given (inside `at`/`heads`), then a copy of it alone: the model
         # may change the patched tensor in place, never the cache.
-        part = _through_views(site, source)
+        part = through_views(site, source)
         if part.dtype is x.dtype and part.device == x.device:
             return part.clone()
-        return _like(part, x, "cached activation")  # converted: a copy
+        return like_x(part, x, "cached activation")  # converted: a copy
 
     def __repr__(self) -> str:
-        return _call_repr("patch_from", (self.cache,))
+        return call_repr("patch_from", (self.cache,))
 
 
 def patch_from(cache: Cache) -> PatchFrom:
@@ -120,4 +120,4 @@ def patch_from(cache: Cache) -> PatchFrom:
         >>> torch.allclose(out, clean_out)
         True
     """
-    return PatchFrom(_cache_arg(cache, "patch_from(cache)"))
+    return PatchFrom(cache_arg(cache, "patch_from(cache)"))

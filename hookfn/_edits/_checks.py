@@ -17,7 +17,7 @@ from .._errors import EditError
 from ._arguments import Operand
 
 
-def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
+def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
     """Whether a tensor of ``shape`` broadcasts to ``target`` (without changing ``target``)."""
     n = len(shape)
     if n > len(target):
@@ -30,7 +30,7 @@ def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
     return True
 
 
-def _broadcast_shape(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...] | None:
+def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...] | None:
     """The shape ``a`` and ``b`` broadcast to, or None where they do not."""
     n = max(len(a), len(b))
     a = (1,) * (n - len(a)) + tuple(a)
@@ -51,7 +51,7 @@ def _broadcast_error(what: str, shape: Sequence[int], x: Tensor) -> EditError:
     )
 
 
-def _operand(value: Operand, x: Tensor, what: str, *, on_bool: bool = False) -> Operand:
+def as_operand(value: Operand, x: Tensor, what: str, *, on_bool: bool = False) -> Operand:
     """``value`` checked to broadcast to ``x`` and converted to its device and dtype: what an
     elementwise edit combines with ``x``.
 
@@ -67,7 +67,7 @@ def _operand(value: Operand, x: Tensor, what: str, *, on_bool: bool = False) -> 
             n = value.dim()
             if n <= x.dim() and (n == 0 or value.shape == x.shape[-n:]):
                 return value
-        if value.shape != x.shape and not _broadcasts(value.shape, x.shape):
+        if value.shape != x.shape and not broadcasts_to(value.shape, x.shape):
             raise _broadcast_error(what, value.shape, x)
         if value.dtype is x.dtype and value.device == x.device:
             return value
@@ -129,7 +129,7 @@ def _converted(value: Tensor, x: Tensor, what: str, on_bool: bool) -> Tensor:
 
 
 def _number_like(value: Operand, x: Tensor, what: str, on_bool: bool) -> Operand:
-    """A number for a complex, integer or bool activation (see `_operand`)."""
+    """A number for a complex, integer or bool activation (see `as_operand`)."""
     if x.is_complex():
         return value
     if isinstance(value, complex):
@@ -148,14 +148,14 @@ def _number_like(value: Operand, x: Tensor, what: str, on_bool: bool) -> Operand
     return int(value)  # type: ignore[arg-type]
 
 
-def _needs_float(x: Tensor, name: str, fix: str) -> None:
+def needs_float(x: Tensor, name: str, fix: str) -> None:
     if not x.is_floating_point():
         raise EditError(
             f"{name} needs a floating-point activation, but this one is {x.dtype}; {fix}."
         )
 
 
-def _like(tensor: Tensor, x: Tensor, what: str) -> Tensor:
+def like_x(tensor: Tensor, x: Tensor, what: str) -> Tensor:
     """A tensor read from a cache, on ``x``'s device and in its dtype (a copy when either
     changes). Another kind of number (a float cache for integer ids) is an `EditError`."""
     if tensor.dtype is x.dtype:
@@ -171,18 +171,18 @@ def _like(tensor: Tensor, x: Tensor, what: str) -> Tensor:
     return tensor.to(device=x.device, dtype=x.dtype)
 
 
-def _check_last_dim(vector: Tensor, x: Tensor, what: str) -> None:
+def check_last_dim(vector: Tensor, x: Tensor, what: str) -> None:
     if x.dim() == 0 or vector.shape[-1] != x.shape[-1]:
         raise EditError(
             f"the {what} has shape {tuple(vector.shape)}, but the activation has shape "
             f"{tuple(x.shape)}; it acts on the last dimension, so it needs "
             f"{x.shape[-1] if x.dim() else 'a'} entries there (shape {tuple(x.shape[-1:])})."
         )
-    if not _broadcasts(vector.shape, x.shape):
+    if not broadcasts_to(vector.shape, x.shape):
         raise _broadcast_error(what, vector.shape, x)
 
 
-def _dim_size(x: Tensor, dim: int) -> int:
+def dim_size(x: Tensor, dim: int) -> int:
     if not -x.dim() <= dim < x.dim():
         raise EditError(
             f"dim={dim} is out of range for the activation of shape {tuple(x.shape)} "

@@ -16,9 +16,9 @@ from torch import Tensor
 
 from .._errors import EditError, SpecError
 from .._site import Site
-from ._arguments import _concrete, _real_arg
-from ._base import _call_repr, _Value
-from ._checks import _broadcast_shape, _broadcasts, _check_last_dim, _needs_float
+from ._arguments import concrete_value, real_arg
+from ._base import ValueEdit, call_repr
+from ._checks import broadcast_shape, broadcasts_to, check_last_dim, needs_float
 
 
 def _direction_arg(direction: object, what: str) -> Tensor:
@@ -28,7 +28,7 @@ def _direction_arg(direction: object, what: str) -> Tensor:
         raise SpecError(f"{what} takes a real tensor, got dtype {direction.dtype}.")
     if (
         direction.is_floating_point()
-        and _concrete(direction)
+        and concrete_value(direction)
         and not bool(torch.isfinite(direction).all())
     ):
         raise SpecError(
@@ -56,21 +56,21 @@ _FLOAT_FIX = "edit a floating-point activation (token ids have no direction)"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class ProjectOut(_Value):
+class ProjectOut(ValueEdit):
     """Remove the component along a direction (see `project_out`)."""
 
     direction: Tensor
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        _needs_float(x, "project_out", _FLOAT_FIX)
-        _check_last_dim(self.direction, x, "direction")
+        needs_float(x, "project_out", _FLOAT_FIX)
+        check_last_dim(self.direction, x, "direction")
         unit = _unit(self.direction, x)
         if unit.dim() == 1:
             return x - (x @ unit).unsqueeze(-1) * unit
         return x - (x * unit).sum(dim=-1, keepdim=True) * unit
 
     def __repr__(self) -> str:
-        return _call_repr("project_out", (self.direction,))
+        return call_repr("project_out", (self.direction,))
 
 
 def project_out(direction: Tensor) -> ProjectOut:
@@ -98,19 +98,19 @@ def project_out(direction: Tensor) -> ProjectOut:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Steer(_Value):
+class Steer(ValueEdit):
     """Add ``alpha`` times a unit vector (see `steer`)."""
 
     vector: Tensor
     alpha: Tensor | float
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        _needs_float(x, "steer", _FLOAT_FIX)
-        _check_last_dim(self.vector, x, "vector")
+        needs_float(x, "steer", _FLOAT_FIX)
+        check_last_dim(self.vector, x, "vector")
         alpha = self.alpha
         if isinstance(alpha, Tensor):
-            shape = _broadcast_shape(alpha.shape, self.vector.shape)
-            if shape is None or not _broadcasts(shape, x.shape):
+            shape = broadcast_shape(alpha.shape, self.vector.shape)
+            if shape is None or not broadcasts_to(shape, x.shape):
                 raise EditError(
                     f"alpha has shape {tuple(alpha.shape)} and the vector "
                     f"{tuple(self.vector.shape)}: alpha * vector does not broadcast to the "
@@ -122,7 +122,7 @@ class Steer(_Value):
         return x + alpha * _unit(self.vector, x)
 
     def __repr__(self) -> str:
-        return _call_repr("steer", (self.vector,), {"alpha": self.alpha})
+        return call_repr("steer", (self.vector,), {"alpha": self.alpha})
 
 
 def steer(vector: Tensor, alpha: Tensor | float) -> Steer:
@@ -156,7 +156,7 @@ def steer(vector: Tensor, alpha: Tensor | float) -> Steer:
     vector = _direction_arg(vector, "steer(vector, alpha)")
     if alpha is None:
         raise SpecError("steer(vector, alpha) needs alpha, the length to add: a number.")
-    length = _real_arg(alpha, "steer(vector, alpha)", finite=True)
+    length = real_arg(alpha, "steer(vector, alpha)", finite=True)
     if isinstance(length, Tensor) and length.dim() > 0 and length.shape[-1] != 1:
         raise SpecError(
             f"steer(vector, alpha): alpha has shape {tuple(length.shape)}; a tensor alpha holds "

@@ -1,6 +1,6 @@
 """Elementwise edits: `add`, `scale`, `replace`, `clamp`.
 
-Operands follow one rule (`_operand`): they go into the activation's dtype, exactly for an
+Operands follow one rule (`as_operand`): they go into the activation's dtype, exactly for an
 integer activation. A tensor operand is held as it is, not copied: an edit built from a
 tensor that is later changed in place (a steering vector trained by an optimizer) follows it.
 """
@@ -14,13 +14,13 @@ from torch import Tensor
 
 from .._errors import EditError, SpecError
 from .._site import Site
-from ._arguments import Operand, _concrete, _operand_arg, _real_arg
-from ._base import _call_repr, _short_repr, _Value
-from ._checks import _broadcast_shape, _operand
+from ._arguments import Operand, concrete_value, operand_arg, real_arg
+from ._base import ValueEdit, call_repr, short_repr
+from ._checks import as_operand, broadcast_shape
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Add(_Value):
+class Add(ValueEdit):
     """``x + value`` (see `add`)."""
 
     value: Operand
@@ -38,10 +38,10 @@ class Add(_Value):
             else:
                 if y.is_same_size(x):
                     return y
-        return x + _operand(value, x, "value")
+        return x + as_operand(value, x, "value")
 
     def __repr__(self) -> str:
-        return f"add({_short_repr(self.value)})"
+        return f"add({short_repr(self.value)})"
 
 
 def add(value: Tensor | float) -> Add:
@@ -69,7 +69,7 @@ def add(value: Tensor | float) -> Add:
         >>> add(torch.tensor(2.0))(torch.tensor([3, 4]), site)  # token ids stay integers
         tensor([5, 6])
     """
-    return Add(_operand_arg(value, "add(value)"))
+    return Add(operand_arg(value, "add(value)"))
 
 
 def _zero_of(x: Tensor) -> Tensor:
@@ -82,7 +82,7 @@ def _zero_of(x: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Scale(_Value):
+class Scale(ValueEdit):
     """``x * factor`` (see `scale`)."""
 
     factor: Operand
@@ -91,12 +91,12 @@ class Scale(_Value):
         factor = self.factor
         if not isinstance(factor, Tensor) and factor == 0:
             if x.dtype is torch.bool:
-                _operand(factor, x, "factor")  # raises
+                as_operand(factor, x, "factor")  # raises
             return _zero_of(x)
-        return x * _operand(factor, x, "factor")
+        return x * as_operand(factor, x, "factor")
 
     def __repr__(self) -> str:
-        return f"scale({_short_repr(self.factor)})"
+        return f"scale({short_repr(self.factor)})"
 
 
 def scale(factor: Tensor | float) -> Scale:
@@ -127,23 +127,23 @@ def scale(factor: Tensor | float) -> Scale:
         >>> scale(0.0)(torch.tensor([1.0, float("inf"), float("nan")]), site)
         tensor([0., 0., 0.])
     """
-    return Scale(_operand_arg(factor, "scale(factor)"))
+    return Scale(operand_arg(factor, "scale(factor)"))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Replace(_Value):
+class Replace(ValueEdit):
     """A new tensor of the activation's shape filled from ``value`` (see `replace`)."""
 
     value: Operand
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
-        value = _operand(self.value, x, "value", on_bool=True)
+        value = as_operand(self.value, x, "value", on_bool=True)
         if isinstance(value, Tensor):
             return value.expand(x.shape).clone()
         return torch.full_like(x, value)
 
     def __repr__(self) -> str:
-        return f"replace({_short_repr(self.value)})"
+        return f"replace({short_repr(self.value)})"
 
 
 def replace(value: Tensor | float) -> Replace:
@@ -169,11 +169,11 @@ def replace(value: Tensor | float) -> Replace:
         tensor([[1., 2.],
                 [1., 2.]])
     """
-    return Replace(_operand_arg(value, "replace(value)"))
+    return Replace(operand_arg(value, "replace(value)"))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Clamp(_Value):
+class Clamp(ValueEdit):
     """``x`` clamped to ``[lo, hi]`` (see `clamp`)."""
 
     lo: Tensor | float | None
@@ -184,17 +184,17 @@ class Clamp(_Value):
             raise EditError(f"clamp needs a real activation, but this one is {x.dtype}.")
         y = x
         if self.lo is not None:
-            y = torch.clamp_min(y, _operand(self.lo, x, "lower bound"))
+            y = torch.clamp_min(y, as_operand(self.lo, x, "lower bound"))
         if self.hi is not None:
-            y = torch.clamp_max(y, _operand(self.hi, x, "upper bound"))
+            y = torch.clamp_max(y, as_operand(self.hi, x, "upper bound"))
         return y
 
     def __repr__(self) -> str:
         if self.lo is not None and self.hi is not None:
-            return _call_repr("clamp", (self.lo, self.hi))
+            return call_repr("clamp", (self.lo, self.hi))
         if self.lo is not None:
-            return _call_repr("clamp", (), {"lo": self.lo})
-        return _call_repr("clamp", (), {"hi": self.hi})
+            return call_repr("clamp", (), {"lo": self.lo})
+        return call_repr("clamp", (), {"hi": self.hi})
 
 
 def clamp(lo: Tensor | float | None = None, hi: Tensor | float | None = None) -> Clamp:
@@ -219,8 +219,8 @@ def clamp(lo: Tensor | float | None = None, hi: Tensor | float | None = None) ->
     """
     if lo is None and hi is None:
         raise SpecError("clamp() needs a lower bound, an upper bound or both: clamp(lo, hi).")
-    low = None if lo is None else _real_arg(lo, "clamp(lo=...)")
-    high = None if hi is None else _real_arg(hi, "clamp(hi=...)")
+    low = None if lo is None else real_arg(lo, "clamp(lo=...)")
+    high = None if hi is None else real_arg(hi, "clamp(hi=...)")
     if low is not None and high is not None:
         _check_order(low, high)
     return Clamp(low, high)
@@ -232,12 +232,12 @@ def _check_order(lo: Tensor | float, hi: Tensor | float) -> None:
             raise SpecError(f"clamp({lo!r}, {hi!r}): the lower bound is above the upper bound.")
         return
     shapes = [tuple(b.shape) for b in (lo, hi) if isinstance(b, Tensor)]
-    if len(shapes) == 2 and _broadcast_shape(*shapes) is None:
+    if len(shapes) == 2 and broadcast_shape(*shapes) is None:
         raise SpecError(
             f"clamp(lo, hi): the bounds have shapes {shapes[0]} and {shapes[1]}, which do not "
             "broadcast against each other."
         )
-    if not all(_concrete(b) for b in (lo, hi) if isinstance(b, Tensor)):
+    if not all(concrete_value(b) for b in (lo, hi) if isinstance(b, Tensor)):
         return  # values not readable under a torch.func transform
     low = lo if isinstance(lo, Tensor) else torch.tensor(lo)
     high = hi if isinstance(hi, Tensor) else torch.tensor(hi)

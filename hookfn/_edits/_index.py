@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from .._errors import EditError, SpecError
-from ._arguments import _dim_arg, _int_like, _is_bool, _is_integer_dtype
-from ._base import Index, _short_repr
-from ._checks import _dim_size
-from ._parts import _write_out_of_place
+from ._arguments import dim_arg, int_like, is_bool, is_integer_dtype
+from ._base import Index, short_repr
+from ._checks import dim_size
+from ._parts import write_out_of_place
 
 _FORMS = (
     "pass an int, a list of ints, a slice, a bool mask of the dim's length (a list or a 1-D "
@@ -35,15 +35,15 @@ _FORMS = (
 )
 
 
-def _index_along(idx: object, what: str) -> Index:
+def index_along(idx: object, what: str) -> Index:
     """The canonical form of an index along one dimension (see the module docstring)."""
     if idx is None:
         return None
-    if _is_bool(idx):
+    if is_bool(idx):
         raise SpecError(
             f"{what}: {idx!r} is a bool, which torch reads as a new axis, not a position; {_FORMS}."
         )
-    position = _int_like(idx)
+    position = int_like(idx)
     if position is not None:
         return position
     if isinstance(idx, slice):
@@ -60,7 +60,7 @@ def _slice(s: slice, what: str) -> slice:
     for name in ("start", "stop", "step"):
         value = getattr(s, name)
         if value is not None:
-            found = _int_like(value)
+            found = int_like(value)
             if found is None:
                 raise SpecError(f"{what}: the {name} of {s!r} is not an int.")
             value = found
@@ -88,7 +88,7 @@ def _tensor_along(t: Tensor, what: str) -> Index:
             "pass a 1-D mask of the dim's length (at(mask, edit) takes a [batch, seq] token "
             "mask)."
         )
-    if _is_integer_dtype(t.dtype):
+    if is_integer_dtype(t.dtype):
         if t.dim() == 1:
             return [int(i) for i in t.tolist()]
         raise SpecError(
@@ -101,19 +101,19 @@ def _tensor_along(t: Tensor, what: str) -> Index:
 
 
 def _list_along(items: list[Any], what: str) -> list[int] | list[bool]:
-    if items and all(_is_bool(i) for i in items):
+    if items and all(is_bool(i) for i in items):
         return [bool(i) for i in items]
-    positions = [_int_like(i) for i in items]
+    positions = [int_like(i) for i in items]
     for item, position in zip(items, positions, strict=True):
         if position is None:
             raise SpecError(
-                f"{what}: {_short_repr(items)} holds {item!r}; a list holds ints (positions) "
+                f"{what}: {short_repr(items)} holds {item!r}; a list holds ints (positions) "
                 "or bools (a mask), not a mix, nor other values."
             )
     return positions  # type: ignore[return-value]
 
 
-def _index_at(index: object, dim: object, what: str) -> tuple[Any, int | None]:
+def index_at(index: object, dim: object, what: str) -> tuple[Any, int | None]:
     """The canonical ``(index, dim)`` of `at`: ``dim`` is None where it does not apply."""
     if isinstance(index, tuple):
         if dim is not None:
@@ -131,11 +131,11 @@ def _index_at(index: object, dim: object, what: str) -> tuple[Any, int | None]:
         return index.detach().clone(), None
     if index is None:
         return None, None
-    return _index_along(index, what), 1 if dim is None else _dim_arg(dim, "at(..., dim=...)")
+    return index_along(index, what), 1 if dim is None else dim_arg(dim, "at(..., dim=...)")
 
 
 def _expression_item(item: object, what: str) -> Any:
-    """One entry of an index expression, checked and copied (see `_index_at`)."""
+    """One entry of an index expression, checked and copied (see `index_at`)."""
     if item is Ellipsis:
         return item
     if item is None:
@@ -143,9 +143,9 @@ def _expression_item(item: object, what: str) -> Any:
             f"{what}: None in an index expression would insert a new axis; use slice(None) "
             "for everything along a dim."
         )
-    if _is_bool(item):
+    if is_bool(item):
         raise SpecError(f"{what}: {item!r} in an index expression would insert a new axis.")
-    position = _int_like(item)
+    position = int_like(item)
     if position is not None:
         return position
     if isinstance(item, slice):
@@ -153,7 +153,7 @@ def _expression_item(item: object, what: str) -> Any:
     if isinstance(item, Tensor):
         if item.dtype is torch.uint8:
             return _tensor_along(item, what)  # raises
-        if item.dtype is torch.bool or _is_integer_dtype(item.dtype):
+        if item.dtype is torch.bool or is_integer_dtype(item.dtype):
             return item.detach().clone()
     if isinstance(item, (list, tuple)):
         return type(item)(_nested_item(i, what) for i in item)
@@ -163,15 +163,15 @@ def _expression_item(item: object, what: str) -> Any:
 def _nested_item(item: object, what: str) -> Any:
     if isinstance(item, (list, tuple)):
         return type(item)(_nested_item(i, what) for i in item)
-    if _is_bool(item):
+    if is_bool(item):
         return bool(item)
-    position = _int_like(item)
+    position = int_like(item)
     if position is None:
         raise SpecError(f"{what}: {item!r} in an index list is not an int or a bool.")
     return position
 
 
-def _index_kwargs(idx: Index, dim: int) -> tuple[list[object], dict[str, object]]:
+def index_kwargs(idx: Index, dim: int) -> tuple[list[object], dict[str, object]]:
     args: list[object] = [] if idx is None else [idx]
     kwargs: dict[str, object] = {} if dim == -1 else {"dim": dim}
     return args, kwargs
@@ -180,13 +180,13 @@ def _index_kwargs(idx: Index, dim: int) -> tuple[list[object], dict[str, object]
 # -- when the edit runs ----------------------------------------------------------------------
 
 
-def _selector(x: Tensor, idx: Index, dim: int) -> int | slice | Tensor:
+def make_selector(x: Tensor, idx: Index, dim: int) -> int | slice | Tensor:
     """A canonical index as an index along ``dim`` of ``x``, checked on the CPU.
 
     Lists and masks become a long tensor of positions on ``x``'s device: checking them on
     the CPU turns a bad index into an `EditError` (on a GPU it would be a device-side assert).
     """
-    size = _dim_size(x, dim)
+    size = dim_size(x, dim)
     if isinstance(idx, int):
         if -size <= idx < size:
             return idx
@@ -210,31 +210,31 @@ def _selector(x: Tensor, idx: Index, dim: int) -> int | slice | Tensor:
             return idx.nonzero().squeeze(1).to(x.device)
         problem = f"the bool mask has length {idx.shape[0]}"
     raise EditError(
-        f"the index {_short_repr(idx)} does not fit dimension {dim} of the activation of shape "
+        f"the index {short_repr(idx)} does not fit dimension {dim} of the activation of shape "
         f"{tuple(x.shape)} (size {size}): {problem}. Pass indices in [{-size}, {size - 1}] "
         f"or a bool mask of length {size}."
     )
 
 
-def _along(selector: Any, dim: int) -> tuple[Any, ...]:
+def along_dim(selector: Any, dim: int) -> tuple[Any, ...]:
     if dim >= 0:
         return (*(slice(None),) * dim, selector)
     return (Ellipsis, selector, *(slice(None),) * (-dim - 1))
 
 
-def _replace_features(x: Tensor, values: Tensor | float, idx: Index, dim: int) -> Tensor:
+def replace_features(x: Tensor, values: Tensor | float, idx: Index, dim: int) -> Tensor:
     """A new tensor: ``x`` with the entries that ``idx`` selects along ``dim`` taken from
     ``values`` (which broadcasts to ``x``)."""
     if idx is None:
         if isinstance(values, Tensor):
             return values.expand(x.shape).clone()
         return torch.full_like(x, values)
-    index = _along(_selector(x, idx, dim), dim)
+    index = along_dim(make_selector(x, idx, dim), dim)
     new = values.expand(x.shape)[index] if isinstance(values, Tensor) else values
     y = x.clone()
     try:
         y[index] = new
     except RuntimeError:
         # Under vmap, batched values cannot be written into an unbatched copy in place.
-        return _write_out_of_place(x, index, new)
+        return write_out_of_place(x, index, new)
     return y

@@ -12,11 +12,11 @@ from torch import Tensor
 
 from .._errors import EditError, SpecError
 from .._site import Site
-from ._arguments import _int_like, _is_bool, _is_integer_dtype
-from ._base import Edit, EditLike, Index, _short_repr, _Value, as_edit
-from ._checks import _dim_size
-from ._index import _along, _index_at, _selector
-from ._parts import _part_site, _write
+from ._arguments import int_like, is_bool, is_integer_dtype
+from ._base import Edit, EditLike, Index, ValueEdit, as_edit, short_repr
+from ._checks import dim_size
+from ._index import along_dim, index_at, make_selector
+from ._parts import part_site, write_part
 from ._result import check_result
 
 
@@ -31,15 +31,15 @@ def _on_device(index: Any, device: torch.device) -> Any:
 def _positions(x: Tensor, index: Index, dim: int) -> tuple[Any, ...]:
     """The index expression of a one-dimension `at` index (see `at` for the rule)."""
     if isinstance(index, int):
-        size = _dim_size(x, dim)
+        size = dim_size(x, dim)
         if not -size <= index < size:
             raise EditError(
                 f"index {index} is out of range for dimension {dim} of the activation of "
                 f"shape {tuple(x.shape)}; pass an index in [{-size}, {size - 1}]."
             )
         # Keep the dimension, so the inner edit sees the same rank; a slice is a view.
-        return _along(slice(index, index + 1 if index != -1 else None), dim)
-    selector = _selector(x, index, dim)
+        return along_dim(slice(index, index + 1 if index != -1 else None), dim)
+    selector = make_selector(x, index, dim)
     if isinstance(index, list) and index and type(index[0]) is not bool:
         size = x.shape[dim]
         if len({i % size for i in index}) != len(index):
@@ -47,7 +47,7 @@ def _positions(x: Tensor, index: Index, dim: int) -> tuple[Any, ...]:
                 f"the positions {index} name a position of dimension {dim} (size {size}) "
                 "twice; at() edits each selected entry once: pass distinct positions."
             )
-    return _along(selector, dim)
+    return along_dim(selector, dim)
 
 
 def _edit_part(
@@ -64,14 +64,14 @@ def _edit_part(
         part = x[index]
     except (IndexError, RuntimeError, TypeError) as error:
         raise EditError(
-            f"the index {_short_repr(index)} does not fit the activation of shape "
+            f"the index {short_repr(index)} does not fit the activation of shape "
             f"{tuple(x.shape)}: {error}."
         ) from None
-    new = edit(part, _part_site(site, whole, view))
+    new = edit(part, part_site(site, whole, view))
     if new is part:
         return x
     new = _checked_part(part, new, edit, "a part")
-    return x if new is part else _write(x, index, new)
+    return x if new is part else write_part(x, index, new)
 
 
 def _checked_part(part: Tensor, new: object, edit: Edit, what: str) -> Tensor:
@@ -84,7 +84,7 @@ def _checked_part(part: Tensor, new: object, edit: Edit, what: str) -> Tensor:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class At(_Value):
+class At(ValueEdit):
     """An edit restricted to ``x[index]`` (see `at`)."""
 
     index: Index | tuple[Any, ...]
@@ -107,7 +107,7 @@ class At(_Value):
 
     def __repr__(self) -> str:
         extra = "" if self.dim in (None, 1) else f", dim={self.dim!r}"
-        return f"at({_short_repr(self.index)}, {self.edit!r}{extra})"
+        return f"at({short_repr(self.index)}, {self.edit!r}{extra})"
 
 
 def at(index: Index | tuple[Any, ...], edit: EditLike, *, dim: int | None = None) -> At:
@@ -163,12 +163,12 @@ def at(index: Index | tuple[Any, ...], edit: EditLike, *, dim: int | None = None
                  [0., 0.],
                  [1., 1.]]])
     """
-    canonical, canonical_dim = _index_at(index, dim, "at(index, ...)")
+    canonical, canonical_dim = index_at(index, dim, "at(index, ...)")
     return At(canonical, as_edit(edit, where="at(index, edit)"), canonical_dim)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Heads(_Value):
+class Heads(ValueEdit):
     """An edit of chosen attention heads (see `heads`)."""
 
     edit: Edit
@@ -186,7 +186,7 @@ class Heads(_Value):
             )
         split = self._split(x)
         if self.which is None:
-            new = self.edit(split, _part_site(site, x.shape, self._split))
+            new = self.edit(split, part_site(site, x.shape, self._split))
             if new is split:
                 return x
             new = _checked_part(split, new, self.edit, "heads")
@@ -218,10 +218,10 @@ def _which_arg(which: object, n_heads: int) -> tuple[int, ...] | None:
     the end), checked when the edit is built."""
     if which is None:
         return None
-    single = _int_like(which)
+    single = int_like(which)
     if single is not None:
         items: list[object] = [single]
-    elif isinstance(which, Tensor) and which.dim() == 1 and _is_integer_dtype(which.dtype):
+    elif isinstance(which, Tensor) and which.dim() == 1 and is_integer_dtype(which.dtype):
         items = list(which.tolist())
     elif isinstance(which, (list, tuple, range)):
         items = list(which)
@@ -233,17 +233,17 @@ def _which_arg(which: object, n_heads: int) -> tuple[int, ...] | None:
         raise SpecError("heads(..., which=[]) names no head; pass which=None for every head.")
     chosen: list[int] = []
     for item in items:
-        head = None if _is_bool(item) else _int_like(item)
+        head = None if is_bool(item) else int_like(item)
         if head is None:
             raise SpecError(f"heads(..., which=...): {item!r} is not a head index (an int).")
         if not -n_heads <= head < n_heads:
             raise SpecError(
-                f"heads(..., which={_short_repr(which)}) names head {head}, outside "
+                f"heads(..., which={short_repr(which)}) names head {head}, outside "
                 f"[0, {n_heads - 1}] ({n_heads} heads)."
             )
         if head % n_heads in chosen:
             raise SpecError(
-                f"heads(..., which={_short_repr(which)}) names head {head % n_heads} twice "
+                f"heads(..., which={short_repr(which)}) names head {head % n_heads} twice "
                 f"({n_heads} heads); name each head once."
             )
         chosen.append(head % n_heads)
@@ -282,7 +282,7 @@ def heads(edit: EditLike, *, n_heads: int, which: int | Sequence[int] | None = N
         >>> heads(scale(0.0), n_heads=3, which=[1])(torch.ones(1, 1, 6), site)
         tensor([[[1., 1., 0., 0., 1., 1.]]])
     """
-    count = None if _is_bool(n_heads) else _int_like(n_heads)
+    count = None if is_bool(n_heads) else int_like(n_heads)
     if count is None or count < 1:
         raise SpecError(f"heads(..., n_heads=...) takes a positive int, got {n_heads!r}.")
     return Heads(as_edit(edit, where="heads(edit, ...)"), count, _which_arg(which, count))
