@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 import torch
+from reference import raw_hooks, raw_run
 from torch import nn
 
 from hookfn.demo import (
@@ -153,50 +153,25 @@ def test_patching_pair_differs_in_one_binding_value() -> None:
         make_patching_pair(1, pair_index=N_PAIRS)
 
 
-@contextmanager
-def _patched(model: nn.Module, name: str, position: int, source: torch.Tensor) -> Iterator[None]:
-    """Replace module ``name``'s output at ``position`` with ``source`` (plain torch hooks)."""
+def _patch(position: int, source: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An output with the activation at ``position`` replaced by ``source``'s."""
 
-    def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+    def patch(output: torch.Tensor) -> torch.Tensor:
         output = output.clone()
         output[:, position] = source[:, position]
         return output
 
-    handle = dict(model.named_modules())[name].register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _outputs(
-    model: nn.Module, names: list[str], input_ids: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    cache: dict[str, torch.Tensor] = {}
-    modules = dict(model.named_modules())
-    handles = [
-        modules[name].register_forward_hook(
-            lambda module, args, output, name=name: cache.__setitem__(name, output)
-        )
-        for name in names
-    ]
-    try:
-        with torch.no_grad():
-            model(input_ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return cache
+    return patch
 
 
 def test_patching_clean_into_corrupted_restores_the_clean_answer(model: TinyGPT) -> None:
     pair = make_patching_pair(300, torch.Generator().manual_seed(11), pair_index=1)
     last = f"transformer.h.{DEMO_CONFIG.n_layer - 1}"
     names = ["transformer.wte", "transformer.h.0.attn", last]
-    clean = _outputs(model, names, pair.clean_ids)
+    _, clean = raw_run(model, pair.clean_ids, capture=names)
 
     def restored(name: str, position: int) -> float:
-        with _patched(model, name, position, clean[name]):
+        with raw_hooks(model, {name: _patch(position, clean[name])}):
             predictions = _predict(model, pair.corrupted_ids)
         return float((predictions == pair.clean_targets).float().mean())
 

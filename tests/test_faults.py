@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import snapshot_hooks
-from reference import sequential_by_hand
+from reference import raw_run, sequential_by_hand
 from test_concurrency import CPUDataParallel, threaded_parallel_apply
 from torch import Tensor, nn
 
@@ -467,14 +467,9 @@ def test_capture_is_not_changed_by_a_later_inplace_op():
     pre_relu = F.linear(x, model[0].weight, model[0].bias).detach()
     assert (pre_relu < 0).any()  # the in-place ReLU really changes something
     # Reference: a raw hook that copies the output as it is produced.
-    seen: list[Tensor] = []
-    handle = model[0].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
-    try:
-        model(x)
-    finally:
-        handle.remove()
+    _, seen = raw_run(model, x, capture=["0"])
     _, caches = run_with_hooks(model, x, {"0": "capture", "1": Hook(input=True)})
-    torch.testing.assert_close(caches["0"].output, seen[0], rtol=0, atol=0)
+    torch.testing.assert_close(caches["0"].output, seen["0"], rtol=0, atol=0)
     torch.testing.assert_close(caches["0"].output, pre_relu, rtol=0, atol=0)
     # The input of the in-place ReLU, captured before it ran, is the pre-ReLU value too.
     torch.testing.assert_close(caches["1"].input, pre_relu, rtol=0, atol=0)
