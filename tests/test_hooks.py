@@ -131,3 +131,21 @@ def test_whole_structure_edits_see_and_replace_the_whole_value() -> None:
     torch.testing.assert_close(out[0], x.expand(3, 4))
     assert torch.equal(caches["0"].raw_input.kwargs["shift"], other)
     assert caches["0"].raw_output[0].shape == (3, 4)
+
+
+def test_a_transformers_cache_in_an_output_is_omitted(tiny_gpt2: nn.Module) -> None:
+    """A ``DynamicCache`` changes after the run and holds the graph: it is left out."""
+    ids = torch.randint(0, 50, (1, 5))
+    with torch.no_grad():
+        out, caches = run_with_hooks(
+            tiny_gpt2, {"input_ids": ids, "use_cache": True}, ["transformer"]
+        )
+    raw = caches["transformer"].raw_output
+    cache_key = next(k for k in raw if k != "last_hidden_state")
+    assert type(raw[cache_key]) is Omitted
+    assert "Cache" in raw[cache_key].type_name
+    assert type(out[cache_key]).__name__ == raw[cache_key].type_name  # the model's own, kept
+    with torch.no_grad():
+        torch.testing.assert_close(
+            raw["last_hidden_state"], tiny_gpt2.transformer(ids).last_hidden_state
+        )
