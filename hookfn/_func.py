@@ -176,6 +176,13 @@ def transform_error(error: BaseException) -> TransformError | None:
             f"the op {op} has no forward-mode derivative. {hint} reverse mode instead "
             "(torch.func.vjp, grad, jacrev)."
         )
+    if "is not differentiable with respect to argument 'attn_mask'" in text:
+        return TransformError(
+            "gradients cannot flow through the model's attention mask: "
+            "scaled_dot_product_attention has no derivative with respect to attn_mask, and "
+            "the model builds its mask (T5's position bias, for one) from tensors that "
+            f"require grad inside the transform. {_EAGER}. PyTorch said: {text.splitlines()[0]}"
+        )
     if "don't yet support saved tensor hooks" in text or (
         "requires_grad_()" in text and "functorch transform" in text
     ):

@@ -132,7 +132,13 @@ def run_with_hooks(
     check_inputs(inputs)
     trace = TraceMultiple(model, spec, stop_early=stop_early, strict=strict, _eager_root=eager_root)
     if not trace.sites and backward is None:  # nothing to hook: nothing to open or close
-        return (fn(inputs) if type(inputs) is Tensor else call_with(fn, inputs)), {}
+        try:
+            return (fn(inputs) if type(inputs) is Tensor else call_with(fn, inputs)), {}
+        except RuntimeError as error:
+            explained = transform_error(error)
+            if explained is None:
+                raise
+            raise explained from error
     output: Any = None
     stopped = False
     try:

@@ -510,3 +510,44 @@ def test_params_run_is_still_a_functional_call_of_the_same_model() -> None:
     out, _ = run_with_hooks(model, inputs, ["transformer.h.1"], params={name: new})
     expected = functional_call(model, {name: new}, (), dict(inputs))
     assert torch.equal(out.logits, expected.logits)
+
+
+def _tiny_t5(attention: str) -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        attn_implementation=attention,
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def test_grad_through_t5_with_sdpa_names_eager_attention() -> None:
+    """T5 builds its sdpa mask from its position bias, which requires grad inside the
+    transform: a TransformError with the eager-attention hint, not a raw RuntimeError."""
+    ids, dec = torch.randint(0, 64, (1, 5)), torch.randint(0, 64, (1, 3))
+
+    def loss(model: nn.Module) -> Callable[[Tensor], Tensor]:
+        def f(embeds: Tensor) -> Tensor:
+            inputs = {"inputs_embeds": embeds, "decoder_input_ids": dec}
+            out, _ = run_with_hooks(model, inputs, {"encoder.block.0": Hook(output=False)})
+            return out.logits.sum()
+
+        return f
+
+    sdpa = _tiny_t5("sdpa")
+    embeds = sdpa.shared(ids).detach()
+    with pytest.raises(TransformError, match="eager"):
+        torch.func.grad(loss(sdpa))(embeds)
+    eager = _tiny_t5("eager")
+    grad = torch.func.grad(loss(eager))(embeds)
+    reference = embeds.clone().requires_grad_()
+    eager(inputs_embeds=reference, decoder_input_ids=dec).logits.sum().backward()
+    torch.testing.assert_close(grad, reference.grad)
