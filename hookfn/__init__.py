@@ -37,6 +37,7 @@ from ._errors import (
     HookfnWarning,
     LayerNotFoundError,
     NotCalledWarning,
+    PartialEditWarning,
     SpecError,
     TransformError,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "LayerTable",
     "NotCalledWarning",
     "Omitted",
+    "PartialEditWarning",
     "Site",
     "SiteKind",
     "Spec",

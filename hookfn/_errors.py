@@ -10,6 +10,7 @@ __all__ = [
     "HookfnWarning",
     "LayerNotFoundError",
     "NotCalledWarning",
+    "PartialEditWarning",
     "SpecError",
     "TransformError",
 ]
@@ -69,4 +70,15 @@ class NotCalledWarning(HookfnWarning):
 
     Pass ``strict=True`` (to `run_with_hooks`, `Trace` or `TraceMultiple`) to make it an
     `EditError`.
+    """
+
+
+class PartialEditWarning(HookfnWarning):
+    """An edit changed only the primary tensor of a structured output (or input) that holds
+    other floating-point tensors, which the model may read instead.
+
+    Examples: an MoE router returns ``(router_logits, router_scores, router_indices)`` and
+    the experts read the scores; CLIP's ``text_model`` returns ``last_hidden_state`` first,
+    and ``CLIPModel`` reads ``pooler_output``. Edit the whole structure with
+    ``Hook(edit, whole=True)``, or hook the module that computes the tensor the model reads.
     """

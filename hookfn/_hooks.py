@@ -20,17 +20,19 @@ stop-early rule: a site is done when its last forward record of its first call i
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.autograd.graph import get_gradient_edge as gradient_edge
 
 from ._capture import PLAIN_COPY, Args, copy_value, make_copier, primary, replace_primary
 from ._edits import Edit, Function, check_result
-from ._errors import EditError, HookfnError
+from ._errors import EditError, HookfnError, PartialEditWarning
 from ._gate import ACTIVE, Replays, Stopper, graph_task, new_hook_key, replaying
 from ._hook import Hook
 from ._site import Site, SiteKind
@@ -126,6 +128,7 @@ class Recorder:
         "sites",
         "stopper",
         "token",
+        "warned",
     )
 
     def __init__(
@@ -165,6 +168,7 @@ class Recorder:
         if stopper is not None:
             (self.out if hook.output else self.inp).stops = True
         self.keys: list[int] = []  # of the hooks this recorder inserted
+        self.warned = False  # (a partial edit is reported once per run)
 
     # -- registration (the caller holds `hookfn._gate.REGISTRY`) -------------------------
 
@@ -276,7 +280,12 @@ class Recorder:
             raise in_context(error, edit, site) from None
         if y is x:
             return None
-        return y if type(value) is Tensor else replace_primary(value, y)
+        if type(value) is Tensor:
+            return y
+        if not self.warned:
+            self.warned = True
+            _warn_if_partial(edit, site, value, x)
+        return replace_primary(value, y)
 
     def _after(self, side: _Side, value: Any) -> Any:
         """The gate, then gradient tracking and the record: a new value (a tensor made to
@@ -361,6 +370,34 @@ def _edit_whole(edit: Edit, value: Any, site: Site) -> Any:
             f"{type(new).__name__}; return an Args(*args, **kwargs) (or None)."
         )
     return new
+
+
+def _warn_if_partial(edit: object, site: Site, value: Any, x: Tensor) -> None:
+    """Warn where an edit changed the primary tensor of a structure that holds other
+    floating-point tensors the model may read instead (an MoE router's scores beside its
+    logits, CLIP's pooled output beside its hidden states): the edit may then have no
+    effect. Tensors of more dimensions than the edited one (attention weights beside an
+    attention output) are not counted."""
+    leaves = value.args + tuple(value.kwargs.values()) if isinstance(value, Args) else value
+    others = [
+        leaf
+        for leaf in pytree.tree_leaves(leaves)
+        if isinstance(leaf, Tensor)
+        and leaf is not x
+        and (leaf.is_floating_point() or leaf.is_complex())
+        and leaf.dim() <= x.dim()
+    ]
+    if others:
+        shapes = ", ".join(str(tuple(t.shape)) for t in others[:3])
+        warnings.warn(
+            f"the edit {edit!r} at layer {site.name!r} changed only the primary tensor of its "
+            f"{site.kind} ({type(value).__name__}), which holds other floating-point tensors "
+            f"({shapes}); if the model reads those, the edit does not reach it. Edit the whole "
+            "structure with Hook(edit, whole=True), or hook the module that computes the "
+            "tensor the model reads.",
+            PartialEditWarning,
+            stacklevel=2,
+        )
 
 
 def _gradient_hook(

@@ -354,3 +354,13 @@ def sequential_by_hand(
                 h = edits[i](h)
             acts.append(h.clone())
     return h, acts
+
+
+@contextmanager
+def raw_hooks_whole(module: nn.Module, fn: Callable[[Any], Any]) -> Iterator[None]:
+    """A plain forward hook that replaces ``module``'s whole output by ``fn(output)``."""
+    handle = module.register_forward_hook(lambda m, args, out: fn(out))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -7,10 +7,20 @@ from typing import Any
 
 import pytest
 import torch
-from reference import count_calls, raw_run
+from reference import count_calls, raw_hooks_whole, raw_run
 from torch import Tensor, nn
 
-from hookfn import Args, EditError, Hook, Omitted, Trace, add, run_with_hooks
+from hookfn import (
+    Args,
+    EditError,
+    Hook,
+    Omitted,
+    PartialEditWarning,
+    Trace,
+    add,
+    replace,
+    run_with_hooks,
+)
 
 
 def test_the_edit_runs_before_other_hooks_and_the_capture_after_them() -> None:
@@ -149,3 +159,87 @@ def test_a_transformers_cache_in_an_output_is_omitted(tiny_gpt2: nn.Module) -> N
         torch.testing.assert_close(
             raw["last_hidden_state"], tiny_gpt2.transformer(ids).last_hidden_state
         )
+
+
+# -- edits that cannot take effect: a structure whose other tensors the model reads --------
+
+
+def _mixtral() -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    return MixtralForCausalLM(config).eval()
+
+
+def _clip() -> nn.Module:
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    config = CLIPConfig(
+        text_config={
+            **small,
+            "vocab_size": 64,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+        },
+        vision_config={**small, "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+        projection_dim=8,
+    )
+    return CLIPModel(config).eval()
+
+
+def test_an_edit_of_a_routers_logits_warns_and_a_whole_edit_reaches_the_experts() -> None:
+    model = _mixtral()
+    ids = torch.randint(0, 64, (1, 5))
+    router = "model.layers.0.mlp.gate"
+    with torch.no_grad():
+        plain = model(ids).logits
+        with pytest.warns(PartialEditWarning, match="router|other floating-point"):
+            out, _ = run_with_hooks(model, ids, {router: replace(0.0)})
+    torch.testing.assert_close(out.logits, plain)  # the experts read the untouched scores
+
+    def even_scores(output: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        logits, scores, indices = output
+        return logits, torch.full_like(scores, 0.5), indices
+
+    with torch.no_grad():
+        out, _ = run_with_hooks(model, ids, {router: Hook(even_scores, whole=True)})
+        with raw_hooks_whole(model.get_submodule(router), even_scores):
+            reference = model(ids).logits
+    torch.testing.assert_close(out.logits, reference)
+    assert not torch.allclose(out.logits, plain)
+
+
+def test_an_edit_of_clips_hidden_states_warns_and_a_whole_edit_reaches_the_pooled_output() -> None:
+    model = _clip()
+    inputs = {"input_ids": torch.randint(2, 64, (2, 5)), "pixel_values": torch.randn(2, 3, 32, 32)}
+    with torch.no_grad():
+        plain = model(**inputs).logits_per_image
+        with pytest.warns(PartialEditWarning, match="BaseModelOutputWithPooling"):
+            out, _ = run_with_hooks(model, inputs, {"text_model": replace(0.0)})
+    torch.testing.assert_close(out.logits_per_image, plain)  # CLIPModel reads pooler_output
+    shift = torch.randn(16)
+
+    def shift_pooled(output: Any) -> Any:
+        output["pooler_output"] = output["pooler_output"] + shift
+        return output
+
+    with torch.no_grad():
+        out, _ = run_with_hooks(model, inputs, {"text_model": Hook(shift_pooled, whole=True)})
+        with raw_hooks_whole(model.text_model, shift_pooled):
+            reference = model(**inputs).logits_per_image
+    torch.testing.assert_close(out.logits_per_image, reference)
+    assert not torch.allclose(out.logits_per_image, plain)
