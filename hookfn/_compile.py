@@ -214,13 +214,18 @@ def _compiled_forward(module: nn.Module) -> bool:
     return forward is not None and hasattr(forward, "_torchdynamo_orig_callable")
 
 
+def _restore(name: str) -> str:
+    """The statement that gives module ``name`` its eager forward back."""
+    return f"del model.get_submodule({name!r}).forward" if name else "del model.forward"
+
+
 def _forward_compiled(name: str) -> CompileError:
     label = _label(name)
     return CompileError(
         f"the forward of {label} was replaced by a compiled function "
         "(m.forward = torch.compile(m.forward)), so it runs as a compiled graph, where hooks "
         "cannot act (the run would silently return an unedited output). Hook the model "
-        f"with its eager forward: `del {label if name else 'model'}.forward` restores it, or "
+        f"with its eager forward: `{_restore(name)}` restores it, or "
         "compile the whole model with torch.compile(model) instead: hookfn runs a compiled "
         "model's hooked calls eagerly."
     )

@@ -33,7 +33,7 @@ from torch.autograd.graph import get_gradient_edge as gradient_edge
 from ._capture import PLAIN_COPY, Args, copy_value, make_copier, primary, replace_primary
 from ._edits import Edit, Function, check_result
 from ._errors import EditError, HookfnError, PartialEditWarning
-from ._gate import ACTIVE, Replays, Stopper, graph_task, new_hook_key, replaying
+from ._gate import ACTIVE, IN_BACKWARD, Replays, Stopper, graph_task, new_hook_key
 from ._hook import Hook
 from ._site import Site, SiteKind
 
@@ -234,7 +234,13 @@ class Recorder:
                 self.stopper.site_done()
 
     def edit_output(self, module: nn.Module, args: Any, output: Any) -> Any:
-        return self._edit(self.out, output)
+        # The gate first, here: a run active in another context returns after one frame.
+        token = self.token
+        if token in ACTIVE.get():
+            return self._edit(self.out, output, graph_task() != self.base)
+        if token in IN_BACKWARD and _in_backward(token):
+            return self._edit(self.out, output, True)
+        return None
 
     def after_output(self, module: nn.Module, args: Any, output: Any) -> Any:
         return self._after(self.out, output)
@@ -242,7 +248,14 @@ class Recorder:
     # ``kwargs`` has a default: a call on another thread that took its snapshot of the hooks
     # as this run removed its own may call the hook without them; the gate then returns.
     def edit_input(self, module: nn.Module, args: Any, kwargs: Any = None) -> Any:
-        new = self._edit(self.inp, Args._of(args, kwargs))
+        token = self.token
+        if token in ACTIVE.get():
+            replay = graph_task() != self.base
+        elif token in IN_BACKWARD and _in_backward(token):
+            replay = True
+        else:
+            return None
+        new = self._edit(self.inp, Args._of(args, kwargs), replay)
         return None if new is None else (new.args, new.kwargs)
 
     def after_input(self, module: nn.Module, args: Any, kwargs: Any = None) -> Any:
@@ -251,13 +264,13 @@ class Recorder:
 
     # -- the two steps ---------------------------------------------------------------
 
-    def _edit(self, side: _Side, value: Any) -> Any:
-        """The gate, then the edit: the new value, or None for unchanged."""
-        if self.token in ACTIVE.get() and graph_task() == self.base:
+    def _edit(self, side: _Side, value: Any, replay: bool) -> Any:
+        """The edit, past the gate (``replay``: a re-run by activation checkpointing during
+        a backward pass, see `hookfn._gate.replaying`): the new value, or None for
+        unchanged."""
+        if not replay:
             call = side.edit_calls
             side.edit_calls = call + 1
-        elif replaying(self.token, self.base) is None:
-            return None
         else:
             # Activation checkpointing re-runs this forward during backward: apply the edit
             # again, identically, with the site of the call it replays.
@@ -354,6 +367,13 @@ class Recorder:
         return bool(
             self.out.edit_calls or self.out.calls or self.inp.edit_calls or self.inp.calls
         ) or bool(self.out.records)
+
+
+def _in_backward(token: object) -> bool:
+    """Whether this is a re-run in the graph task of the ``backward=`` pass of ``token``'s
+    run (in an autograd worker thread, where the run's context is not active)."""
+    tasks = IN_BACKWARD.get(token)
+    return tasks is not None and graph_task() in tasks
 
 
 def _edit_whole(edit: Edit, value: Any, site: Site) -> Any:

@@ -164,7 +164,7 @@ def run_with_hooks(
             trace._close()
             raise
     if not stopped:
-        trace._report_uncalled()
+        trace._report_uncalled(stacklevel=3)
     return output, trace.captures()
 
 

@@ -233,8 +233,11 @@ class TraceMultiple(Mapping[str, "Trace"]):
             self._report_uncalled()
         return False
 
-    def _report_uncalled(self) -> None:
-        """Warn (or raise, with ``strict``) for each edit whose module never ran."""
+    def _report_uncalled(self, stacklevel: int = 4) -> None:
+        """Warn (or raise, with ``strict``) for each edit whose module never ran.
+
+        ``stacklevel`` points the warning at the user's code: 4 from the exit of a ``with``
+        block (through `_exit` and `_PendingExit`), 3 from `run_with_hooks`."""
         if self._stopped:
             return
         missed = [
@@ -252,7 +255,7 @@ class TraceMultiple(Mapping[str, "Trace"]):
         )
         if self._strict:
             raise EditError(text)
-        warnings.warn(text, NotCalledWarning, stacklevel=4)
+        warnings.warn(text, NotCalledWarning, stacklevel=stacklevel)
 
     @property
     def token(self) -> object:
