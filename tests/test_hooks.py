@@ -243,3 +243,44 @@ def test_an_edit_of_clips_hidden_states_warns_and_a_whole_edit_reaches_the_poole
             reference = model(**inputs).logits_per_image
     torch.testing.assert_close(out.logits_per_image, reference)
     assert not torch.allclose(out.logits_per_image, plain)
+
+
+def test_input_edits_run_before_other_pre_hooks_and_input_captures_after_them() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    a, c = torch.randn(4), torch.randn(4)
+    seen: list[Tensor] = []
+
+    def users_pre_hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        seen.append(args[0].detach().clone())
+        return (args[0] + c,)
+
+    handle = model[1].register_forward_pre_hook(users_pre_hook)
+    try:
+        with torch.no_grad():
+            out, caches = run_with_hooks(model, x, {"1": Hook(edit_input=add(a), input=True)})
+            h = model[0](x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[0], h + a)  # the user's pre-hook saw the edit
+    torch.testing.assert_close(caches["1"].input, h + a + c)  # what the module received
+    with torch.no_grad():
+        torch.testing.assert_close(out, model[1](h + a + c))
+
+
+def test_an_edit_grad_acts_on_a_backward_pass_after_the_block() -> None:
+    """Gradient hooks live on the run's own graph: a backward pass through that graph after
+    the block still meets them; a new forward pass builds a graph without them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    with Trace(model, "0", hook=Hook(edit_grad=lambda g: g * 0, grad=True)) as t:
+        y = model(x)
+    y.sum().backward()  # after the block
+    assert torch.equal(model[0].weight.grad, torch.zeros_like(model[0].weight))
+    assert torch.equal(t.grad_output, torch.zeros(3, 4))
+    model.zero_grad()
+    model(x).sum().backward()  # a new graph: no edit
+    h = model[0](x).detach().requires_grad_()
+    (reference,) = torch.autograd.grad(model[2](model[1](h)).sum(), h)
+    torch.testing.assert_close(model[0].bias.grad, reference.sum(0))
