@@ -46,6 +46,11 @@ class Hook:
             ``ModelOutput``), ``edit_input`` an `Args` of every positional and keyword
             argument. Nothing checks what they return: it replaces the value as it is (a
             new batch size, another structure), and ``None`` keeps it.
+        part: What a capture keeps of the primary tensor, taken before it is copied, so
+            only the part is ever copied: an index (``x[part]``: ``(slice(None), -1)`` for
+            the last position, a list or tensor of positions, a bool mask), or a function
+            ``x -> tensor`` (a reduction such as ``lambda x: x.mean(1)``). The capture then
+            holds that tensor in place of the whole output (or input).
 
     Examples:
         >>> from hookfn import Hook, add
@@ -65,6 +70,7 @@ class Hook:
     device: torch.device | None = field(default=None, kw_only=True)
     dtype: torch.dtype | None = field(default=None, kw_only=True)
     whole: bool = field(default=False, kw_only=True)
+    part: Any = field(default=None, kw_only=True)
     # What the hook path does at this site, decided once here (see `hookfn._hooks`).
     edits_output: bool = field(default=False, init=False, repr=False, compare=False)
     after_output: bool = field(default=True, init=False, repr=False, compare=False)
@@ -89,6 +95,7 @@ class Hook:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         whole: bool = False,
+        part: Any = None,
     ) -> None:
         for flag_name, flag in (
             ("output", output),
@@ -126,6 +133,12 @@ class Hook:
         setattr_(self, "device", device)
         setattr_(self, "dtype", dtype)
         setattr_(self, "whole", whole)
+        if part is not None and not callable(part) and not _is_index(part):
+            raise SpecError(
+                f"Hook(part=...) takes an index (an int, a slice, a tuple of them, a list or "
+                f"tensor of positions, a bool mask) or a function x -> tensor; got {part!r}."
+            )
+        setattr_(self, "part", part)
         self._set_roles()
 
     def _set_roles(self) -> None:
@@ -143,7 +156,8 @@ class Hook:
             self.output
             and not (self.input or self.grad_input or wants_grad)
             and not edits_output
-            and self.edit_input is None,
+            and self.edit_input is None
+            and self.part is None,
         )
         setattr_(
             self,
@@ -190,6 +204,7 @@ _FIELDS = (
     "device",
     "dtype",
     "whole",
+    "part",
 )
 _DEFAULTS: dict[str, Any] = {
     "output": True,
@@ -203,9 +218,20 @@ _DEFAULTS: dict[str, Any] = {
     "device": None,
     "dtype": None,
     "whole": False,
+    "part": None,
 }
 
 _PLAIN_FIELDS = (("edit", None), *_DEFAULTS.items())
+
+
+def _is_index(part: object) -> bool:
+    """Whether ``part`` is an index expression ``x[part]`` accepts (checked loosely here:
+    whether it fits the activation is known only when the hook runs)."""
+    if isinstance(part, tuple):
+        return all(_is_index(p) for p in part)
+    if isinstance(part, bool):
+        return False
+    return part is Ellipsis or part is None or isinstance(part, (int, slice, list, torch.Tensor))
 
 
 def _device(device: object) -> torch.device:

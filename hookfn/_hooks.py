@@ -32,7 +32,7 @@ from torch.autograd.graph import get_gradient_edge as gradient_edge
 
 from ._capture import PLAIN_COPY, Args, copy_value, make_copier, primary, replace_primary
 from ._edits import Edit, Function, check_result
-from ._errors import EditError, HookfnError, PartialEditWarning
+from ._errors import CaptureError, EditError, HookfnError, PartialEditWarning
 from ._gate import ACTIVE, IN_BACKWARD, Replays, Stopper, graph_task, new_hook_key
 from ._hook import Hook
 from ._site import Site, SiteKind
@@ -314,13 +314,38 @@ class Recorder:
                 value = result = tracked
         if side.keep:
             records = side.records
-            if side.kind == "output" and type(value) is Tensor:
+            if self.hook.part is not None:
+                records.append(self.copy(self._part(side, value)))
+            elif side.kind == "output" and type(value) is Tensor:
                 records.append(self.copy(value))
             else:
                 records.append(copy_value(self.copy, value, self.keep_objects))
             if call == 0 and side.stops:
                 self.stopper.site_done()  # type: ignore[union-attr]
         return result
+
+    def _part(self, side: _Side, value: Any) -> Tensor:
+        """The part of ``value``'s primary tensor the hook keeps (``Hook(part=...)``)."""
+        x = value if type(value) is Tensor else primary(value)
+        part = self.hook.part
+        if x is None:
+            raise CaptureError(
+                f"Hook(part=...) at layer {self.name!r}: its {side.kind} is a "
+                f"{type(value).__name__} with no primary tensor to take a part of."
+            )
+        try:
+            kept = part(x) if callable(part) else x[part]
+        except (IndexError, RuntimeError, TypeError, ValueError) as error:
+            raise CaptureError(
+                f"Hook(part={part!r}) does not fit the {side.kind} of layer {self.name!r} "
+                f"(shape {tuple(x.shape)}): {error}"
+            ) from None
+        if not isinstance(kept, Tensor):
+            raise CaptureError(
+                f"Hook(part=...) at layer {self.name!r} returned a {type(kept).__name__}; "
+                "a part is a tensor."
+            )
+        return kept
 
     def _track(self, side: _Side, value: Any, call: int) -> Any:
         """Put a gradient hook on ``value``'s primary tensor; the value to pass on if the

@@ -284,3 +284,36 @@ def test_an_edit_grad_acts_on_a_backward_pass_after_the_block() -> None:
     h = model[0](x).detach().requires_grad_()
     (reference,) = torch.autograd.grad(model[2](model[1](h)).sum(), h)
     torch.testing.assert_close(model[0].bias.grad, reference.sum(0))
+
+
+def test_a_capture_keeps_only_its_part() -> None:
+    """``Hook(part=...)``: an index or a function applied before the copy; the copy holds
+    the part's memory only, not a view of the whole activation."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+    x = torch.randn(3, 5, 4)
+    with torch.no_grad():
+        h = model[0](x)
+        _, caches = run_with_hooks(
+            model,
+            x,
+            {
+                "0": Hook(part=(slice(None), -1)),
+                "1": Hook(part=lambda t: t.mean(1), input=True),
+            },
+        )
+    last = caches["0"].output
+    torch.testing.assert_close(last, h[:, -1])
+    assert last.untyped_storage().nbytes() == last.numel() * last.element_size()
+    torch.testing.assert_close(caches["1"].output, torch.tanh(h).mean(1))
+    torch.testing.assert_close(caches["1"].input, h.mean(1))
+
+
+def test_a_part_that_does_not_fit_names_the_layer() -> None:
+    from hookfn import CaptureError, SpecError
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(CaptureError, match=r"layer '0' \(shape \(2, 4\)\)"):
+        run_with_hooks(model, torch.randn(2, 4), {"0": Hook(part=(slice(None), 7))})
+    assert not model[0]._forward_hooks
+    with pytest.raises(SpecError, match="part"):
+        Hook(part="last")
