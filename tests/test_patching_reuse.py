@@ -205,7 +205,7 @@ def test_layer_and_position_reuse_together(gpt2_model: nn.Module) -> None:
                 metric=logit_diff(3, 5),
                 per_pair=True,
                 reuse=reuse,  # type: ignore[arg-type]
-                batch_size=64,
+                batch_size=6,  # one position's 3 cells per forward: no chunks to merge
             )
         work[reuse] = sum(rows * seq for calls in seen for rows, seq in calls[2:])
     assert work["auto"] < min(work["positions"], work["layers"])
@@ -386,6 +386,66 @@ def test_batch_norm_in_training_mode_turns_layer_reuse_off() -> None:
         result,
         loop_sweep(model, y, x, [("layers.2", "output")], [(..., [0]), (..., [1])], lambda o: o),
     )
+
+
+def test_a_layer_used_twice_turns_layer_reuse_off() -> None:
+    """The same module at two places of the stack: a join there would grow the batch twice."""
+    torch.manual_seed(5)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), shared).eval()
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    features = [(..., [0, 1]), (..., slice(2, 6))]
+    with rows_seen([model[1]]) as seen:
+        result = activation_patching(
+            model,
+            x,
+            y,
+            ["3"],
+            over=each_index(features),
+            metric=lambda out: out[:, 0] - out[:, 1],
+            per_pair=True,
+        )
+    assert seen[0][2:] == [(6, 8)]
+    reference = loop_sweep(model, y, x, [("3", "output")], features, lambda o: o[:, 0] - o[:, 1])
+    compare(result, reference)
+
+
+@pytest.mark.parametrize("costs", [(1.0, 0.0), (0.0, 1.0)])
+def test_merged_and_separate_position_groups(
+    gpt2_model: nn.Module, monkeypatch: pytest.MonkeyPatch, costs: tuple[float, float]
+) -> None:
+    """Cells of several first positions run in one forward from the earliest (a forward's
+    fixed cost dominates) or one forward per position (its cost per position does)."""
+    from hookfn.patching import _exact
+
+    monkeypatch.setattr(_exact, "_forward_costs", lambda runner, whole: costs)
+    clean, corrupted = padded(2, "left", at=(3,))
+    with rows_seen([gpt2_model.transformer.h[2]]) as seen:
+        result = activation_patching(
+            gpt2_model,
+            clean,
+            corrupted,
+            resid_pre(gpt2_model),
+            over=each_position(),
+            metric=logit_diff(3, 5),
+            per_pair=True,
+        )
+    patched = seen[0][2:]
+    if costs[0]:
+        assert patched == [(2 * 11, SEQ - 3)]  # 11 cells: position 3 of block 0, 3..7 of 1, 2
+    else:
+        # Merged only where the shared blocks save more than the extra positions cost.
+        assert len(patched) > 1 and patched[-1] == (2 * 2, 1)
+    names = names_of(gpt2_model, resid_pre(gpt2_model))
+    reference = loop_sweep(
+        gpt2_model,
+        corrupted,
+        clean,
+        [(n, "input") for n in names],
+        POSITIONS,
+        at_last_real(clean["attention_mask"]),
+    )
+    compare(result, reference)
 
 
 def test_chunks_and_batch_sizes(gpt2_model: nn.Module) -> None:

@@ -72,6 +72,21 @@ def _batch_mixing(model: nn.Module) -> bool:
     )
 
 
+def _uses(model: nn.Module, ids: set[int]) -> int:
+    """How many times the modules ``ids`` are registered in the model (once each, unless
+    shared)."""
+    count, seen, todo = 0, {id(model)}, [model]
+    while todo:
+        for child in todo.pop()._modules.values():
+            if child is None:
+                continue
+            count += id(child) in ids
+            if id(child) not in seen:
+                seen.add(id(child))
+                todo.append(child)
+    return count
+
+
 def find_stack(model: nn.Module, names: Sequence[str]) -> Stack | None:
     """The stack that holds the sites ``names`` (the one most of them are in), or ``None``
     where layer reuse cannot be exact: no stack, children that are not ``0..n-1``, a child
@@ -86,10 +101,8 @@ def find_stack(model: nn.Module, names: Sequence[str]) -> Stack | None:
     if keys != [str(i) for i in range(len(keys))]:
         return None
     children = [module._modules[k] for k in keys]
-    uses: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
-    if any(c is None or uses.get(id(c), 0) != 1 for c in children):
+    ids = {id(c) for c in children}
+    if any(c is None for c in children) or len(ids) != len(keys) or _uses(model, ids) != len(ids):
         return None
     prefix = f"{container}." if container else ""
     return Stack(container, tuple(f"{prefix}{k}" for k in keys))
