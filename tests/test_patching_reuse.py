@@ -435,7 +435,8 @@ def test_merged_and_separate_position_groups(
         assert patched == [(2 * 11, SEQ - 3)]  # 11 cells: position 3 of block 0, 3..7 of 1, 2
     else:
         # Merged only where the shared blocks save more than the extra positions cost.
-        assert len(patched) > 1 and patched[-1] == (2 * 2, 1)
+        assert len(patched) > 1
+        assert patched[-1] == (2 * 2, 1)
     names = names_of(gpt2_model, resid_pre(gpt2_model))
     reference = loop_sweep(
         gpt2_model,
