@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
-import torch.nn.functional as F
 from conftest import make_tiny_gpt2
+from test_compile import by_hand  # the same three-layer computation, written out
 from torch import Tensor, nn
 
 from hookfn import CompileError, TraceMultiple, add, run_with_hooks
@@ -45,16 +45,6 @@ class CudaNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c(self.b(self.a(x)))  # type: ignore[no-any-return]
-
-
-def by_hand(net: CudaNet, x: Tensor, delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The uncompiled forward pass with ``delta`` added to ``a``'s output: (out, b's out)."""
-    with torch.no_grad():
-        h = F.linear(x, net.a.weight, net.a.bias)
-        if delta is not None:
-            h = h + delta
-        h = F.linear(h, net.b.weight, net.b.bias)
-        return F.linear(h, net.c.weight, net.c.bias), h
 
 
 def compile_as(style: str, model: nn.Module, mode: str) -> nn.Module:

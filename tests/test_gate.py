@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import threading
 
+import pytest
 import torch
 from reference import raw_run
 from torch import nn
@@ -44,41 +45,41 @@ def test_hook_keys_never_collide_with_handles_a_user_thread_draws() -> None:
     torch.testing.assert_close(out, ref)
 
 
-def test_a_reentered_trace_does_not_act_in_a_context_copied_in_an_earlier_block() -> None:
+def _zeroing(api: str, model: nn.Module) -> TraceMultiple:
+    if api == "Trace":
+        return Trace(model, "0", edit_output=lambda h: h * 0)
+    return TraceMultiple(model, {"0": lambda h: h * 0})
+
+
+@pytest.mark.parametrize("api", ["Trace", "TraceMultiple"])
+def test_a_reentered_trace_does_not_act_in_a_context_copied_in_an_earlier_block(api: str) -> None:
     model = nn.Sequential(nn.Linear(4, 4))
     x = torch.randn(2, 4)
     with torch.no_grad():
         plain = model(x)
-    for make in (
-        lambda: Trace(model, "0", edit_output=lambda h: h * 0),
-        lambda: TraceMultiple(model, {"0": lambda h: h * 0}),
-    ):
-        trace = make()
-        with trace, torch.no_grad():
-            model(x)
-            earlier = contextvars.copy_context()  # e.g. a task started in the first block
-        with trace, torch.no_grad():
-            assert torch.equal(model(x), torch.zeros_like(plain))  # this block edits
-            from_earlier = earlier.run(model, x)  # the earlier block's context does not
-        torch.testing.assert_close(from_earlier, plain)
+    trace = _zeroing(api, model)
+    with trace, torch.no_grad():
+        model(x)
+        earlier = contextvars.copy_context()  # e.g. a task started in the first block
+    with trace, torch.no_grad():
+        assert torch.equal(model(x), torch.zeros_like(plain))  # this block edits
+        from_earlier = earlier.run(model, x)  # the earlier block's context does not
+    torch.testing.assert_close(from_earlier, plain)
 
 
-def test_an_interrupt_as_exit_begins_leaves_no_hook() -> None:
+@pytest.mark.parametrize("api", ["Trace", "TraceMultiple"])
+def test_an_interrupt_as_exit_begins_leaves_no_hook(api: str) -> None:
     """The with statement takes ``__exit__`` before it enters; if an interrupt stops the
     call before its first line runs, dropping what it took closes the run."""
     model = nn.Sequential(nn.Linear(4, 4))
     x = torch.randn(2, 4)
     with torch.no_grad():
         plain = model(x)
-    for make in (
-        lambda: Trace(model, "0", edit_output=lambda h: h * 0),
-        lambda: TraceMultiple(model, {"0": lambda h: h * 0}),
-    ):
-        trace = make()
-        exit_ = trace.__exit__  # what the with statement holds
-        trace.__enter__()
-        assert len(model[0]._forward_hooks) == 2
-        del exit_  # interrupted before the call: the with statement drops it
-        assert len(model[0]._forward_hooks) == 0
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), plain)
+    trace = _zeroing(api, model)
+    exit_ = trace.__exit__  # what the with statement holds
+    trace.__enter__()
+    assert len(model[0]._forward_hooks) == 2
+    del exit_  # interrupted before the call: the with statement drops it
+    assert len(model[0]._forward_hooks) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain)
