@@ -387,11 +387,12 @@ class Recorder:
     # -- results -----------------------------------------------------------------------
 
     @property
-    def called(self) -> bool:
-        """Whether the module ran (an edit step or an after step saw a call)."""
-        return bool(
-            self.out.edit_calls or self.out.calls or self.inp.edit_calls or self.inp.calls
-        ) or bool(self.out.records)
+    def edit_missed(self) -> bool:
+        """Whether the site has an edit step and it never saw a call of the module."""
+        hook = self.hook
+        return (hook.edits_output and not self.out.edit_calls) or (
+            hook.edits_input and not self.inp.edit_calls
+        )
 
 
 def _in_backward(token: object) -> bool:

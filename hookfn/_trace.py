@@ -240,11 +240,7 @@ class TraceMultiple(Mapping[str, "Trace"]):
         block (through `_exit` and `_PendingExit`), 3 from `run_with_hooks`."""
         if self._stopped:
             return
-        missed = [
-            name
-            for name, recorder in self._recorders.items()
-            if (recorder.hook.edits_output or recorder.hook.edits_input) and not recorder.called
-        ]
+        missed = [name for name, recorder in self._recorders.items() if recorder.edit_missed]
         if not missed:
             return
         text = (
