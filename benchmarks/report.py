@@ -448,6 +448,7 @@ def patching_section(report: Report, rows: list[Row]) -> None:
         "forward per cell with `register_forward_pre_hook`; *TransformerLens*: its "
         "`get_act_patch_resid_pre` / `get_act_patch_attn_head_out_all_pos` on a "
         "`TransformerBridge` of the same weights; *hookfn*: `activation_patching`; "
+        '*positions only*: `activation_patching(reuse="positions")`, without layer reuse; '
         "*attribution*: `attribution_patching` of the same grid.",
         "",
     )
@@ -456,6 +457,7 @@ def patching_section(report: Report, rows: list[Row]) -> None:
         times = row.info["medians"]
         ours = times["hookfn"]
         attribution = times.get("attribution patching")
+        positions = times.get("hookfn, position reuse only")
         table.append(
             [
                 row.model,
@@ -463,7 +465,9 @@ def patching_section(report: Report, rows: list[Row]) -> None:
                 str(row.info.get("cells", "")),
                 _fmt_time(times["raw loop"]),
                 _fmt_time(times["TransformerLens"]),
+                _fmt_time(positions) if positions else "",
                 _fmt_time(ours),
+                f"{positions / ours:.2f}x" if positions else "",
                 f"{times['raw loop'] / ours:.2f}x",
                 f"{times['TransformerLens'] / ours:.2f}x",
                 f"{ours / attribution:.0f}x" if attribution else "",
@@ -477,7 +481,9 @@ def patching_section(report: Report, rows: list[Row]) -> None:
                 "cells",
                 "raw loop",
                 "TransformerLens",
+                "positions only",
                 "hookfn",
+                "vs positions only",
                 "vs raw loop",
                 "vs TransformerLens",
                 "attribution vs exact",

@@ -9,9 +9,13 @@ of the prompt, metric = logit difference of two tokens at the last position:
 Side by side, in rounds that run each way in turn (the median of each), with equal results
 asserted: the raw loop (one forward per cell, ``register_forward_pre_hook``), TransformerLens'
 ``get_act_patch_resid_pre`` / ``get_act_patch_attn_head_out_all_pos`` on a `TransformerBridge`
-of the same weights, `activation_patching`, and (resid) `attribution_patching`, which
-estimates the same grid from two forwards and one backward. A memory case runs the resid
+of the same weights, `activation_patching` (with its default reuse, and with position reuse
+only, ``reuse="positions"``, as it ran before layer reuse), and (resid) `attribution_patching`,
+which estimates the same grid from two forwards and one backward. A memory case runs the resid
 sweep under a ``memory=`` budget and records the peak.
+
+`anchor_row` is the resid sweep in the form ``/work/shared/bench/patching_anchors.py --row``
+takes (``cd benchmarks && python patching_anchors.py --row test_bench_patching:anchor_row``).
 """
 
 from __future__ import annotations
@@ -172,13 +176,32 @@ def _lens(function_name: str, key: str) -> Tensor:
     return result
 
 
-def ours(key: str, sweep: str) -> Tensor:
+def ours(key: str, sweep: str, reuse: Any = "auto") -> Tensor:
     s = setup(key)
     sites, over = (resid_pre, each_position()) if sweep == "resid" else (head_out, each_head())
     result = activation_patching(
-        s.model, s.clean, s.corrupted, sites(s.model), over=over, metric=logit_diff(RIGHT, WRONG)
+        s.model,
+        s.clean,
+        s.corrupted,
+        sites(s.model),
+        over=over,
+        metric=logit_diff(RIGHT, WRONG),
+        reuse=reuse,
     )
     return result.values
+
+
+def anchor_row(model: nn.Module, clean: Tensor, corrupted: Tensor) -> Tensor:
+    """The resid sweep as a row of ``patching_anchors.py``: ``[layers, positions]``."""
+    with torch.no_grad():
+        return activation_patching(
+            model,
+            clean,
+            corrupted,
+            resid_pre(model),
+            over=each_position(),
+            metric=logit_diff(RIGHT, WRONG),
+        ).values
 
 
 def attribution(key: str) -> Tensor:
@@ -201,11 +224,13 @@ def ways(key: str, sweep: str) -> dict[str, Callable[[], Tensor]]:
             "raw loop": lambda: loop_resid(s),
             "TransformerLens": lambda: _lens("get_act_patch_resid_pre", key),
             "hookfn": lambda: ours(key, "resid"),
+            "hookfn, position reuse only": lambda: ours(key, "resid", "positions"),
         }
     return {
         "raw loop": lambda: loop_heads(s),
         "TransformerLens": lambda: _lens("get_act_patch_attn_head_out_all_pos", key),
         "hookfn": lambda: ours(key, "heads"),
+        "hookfn, position reuse only": lambda: ours(key, "heads", "positions"),
     }
 
 
@@ -282,8 +307,9 @@ def test_patching_memory_budget(benchmark: Any, budget_mb: int) -> None:
     """A sweep under ``memory=`` keeps each patched forward's peak within the budget.
 
     The budget sets the rows per forward from a measured forward (under the torch profiler,
-    which does not nest): the rows it picked are read off the model's calls, then a sweep of
-    that many rows per forward is profiled.
+    which does not nest): the rows it picked are read off the last block's calls (with layer
+    reuse, the earlier blocks run on fewer), then a sweep of that many rows per forward is
+    profiled.
     """
     s = setup("patching-tiny")
     budget = budget_mb * 2**20
@@ -302,7 +328,7 @@ def test_patching_memory_budget(benchmark: Any, budget_mb: int) -> None:
             ).values
 
     rows: list[int] = []
-    handle = s.model.register_forward_pre_hook(
+    handle = s.model.transformer.h[-1].register_forward_pre_hook(
         lambda _, args: rows.append(int(args[0].shape[0]))  # type: ignore[func-returns-value]
     )
     try:
