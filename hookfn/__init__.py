@@ -19,15 +19,20 @@ from ._edits import (
     at,
     chain,
     clamp,
+    from_step,
     heads,
     identity,
     mean_ablate,
+    on_calls,
+    on_generated,
+    on_prompt,
     patch_from,
     project_out,
     replace,
     resample_ablate,
     scale,
     steer,
+    when,
 )
 from ._errors import (
     CaptureError,
@@ -83,9 +88,13 @@ __all__ = [
     "chain",
     "clamp",
     "heads",
+    "from_step",
     "identity",
     "layers",
     "mean_ablate",
+    "on_calls",
+    "on_generated",
+    "on_prompt",
     "patch_from",
     "primary",
     "project_out",
@@ -94,6 +103,7 @@ __all__ = [
     "run_with_hooks",
     "scale",
     "steer",
+    "when",
 ]
 
 __version__ = "0.1.0"

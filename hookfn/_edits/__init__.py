@@ -14,7 +14,7 @@ The modules, in the order they build on each other: `_base` (the protocol, plain
 callables, composition and value semantics), `_arguments` (checks when an edit is built),
 `_result` (`check_result`), `_parts` (the part an edit sees), `_checks` (checks when it
 runs), `_index` (index forms), `_elementwise`, `_cache`, `_ablations`, `_directions`,
-`_restrict` (`at`, `heads`).
+`_restrict` (`at`, `heads`), `_steps` (`on_prompt`, `from_step`, ...: edits on chosen calls).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ._directions import ProjectOut, Steer, project_out, steer
 from ._elementwise import Add, Clamp, Replace, Scale, add, clamp, replace, scale
 from ._restrict import At, Heads, at, heads
 from ._result import check_result
+from ._steps import OnCalls, When, from_step, on_calls, on_generated, on_prompt, when
 
 __all__ = [
     "Ablate",
@@ -40,12 +41,14 @@ __all__ = [
     "Heads",
     "Index",
     "MeanAblate",
+    "OnCalls",
     "PatchFrom",
     "ProjectOut",
     "Replace",
     "ResampleAblate",
     "Scale",
     "Steer",
+    "When",
     "ablate",
     "add",
     "as_edit",
@@ -53,13 +56,18 @@ __all__ = [
     "chain",
     "check_result",
     "clamp",
+    "from_step",
     "heads",
     "identity",
     "mean_ablate",
+    "on_calls",
+    "on_generated",
+    "on_prompt",
     "patch_from",
     "project_out",
     "replace",
     "resample_ablate",
     "scale",
     "steer",
+    "when",
 ]
