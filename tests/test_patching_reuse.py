@@ -360,6 +360,7 @@ def test_models_that_cannot_grow_fall_back_and_equal_the_loop(model_type: type) 
     compare(result, loop_sweep(model, y, x, [(site, "output")], features, lambda out: out))
     # The grown forward was refused, then the chunk ran with every cell on every layer.
     assert seen[0][2:] == [(3, 8), (6, 8)]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_batch_norm_in_training_mode_turns_layer_reuse_off() -> None:

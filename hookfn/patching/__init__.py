@@ -9,8 +9,8 @@ and corrupted baselines, a text table and a heatmap.
 
 Modules, in the order data flows through them: `_sites` (what is patched), `_grid` (what it
 is cut into), `_prompts` (the prompt pairs), `_metrics`, `_baseline` (the two runs every
-experiment starts from), `_batches` (cells per forward), `_exact`, `_attribution`, `_paths`,
-`_result`.
+experiment starts from), `_batches` (cells per forward), `_layers` (the batch that grows where
+cells join), `_exact`, `_attribution`, `_paths`, `_result`.
 """
 
 from __future__ import annotations

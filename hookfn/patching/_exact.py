@@ -2,7 +2,7 @@
 
 Each cell of a sweep is one patched run, ``where(mask, source, activation)`` at one site. A
 hand-written loop runs one forward per cell; here the cells are stacked along the batch
-dimension (or vmapped) in chunks, and three kinds of work are never done because their result
+dimension (or vmapped) in chunks, and four kinds of work are never done because their result
 is known exactly:
 
 - A cell whose patch writes the values already there (the source equals the base activation
@@ -13,6 +13,10 @@ is known exactly:
   changes equal the base run at every layer. Such a cell runs on the later positions only,
   with the base run's cache cropped there; cells are grouped by that position. A cell that
   changes only positions after every prompt's last real position cannot move the metric.
+- The layers before a chunk's earliest patched one see the base prompts in every cell: they
+  run once, on one copy, and the batch grows where each cell's patch comes (`_layers`).
+  Neighbouring groups of positions share a forward where a cost model measured on the model
+  says that is faster (`_plan`).
 - Built-in metrics read one position: only its logits are computed (``logits_to_keep``).
 """
 
