@@ -364,3 +364,15 @@ def raw_hooks_whole(module: nn.Module, fn: Callable[[Any], Any]) -> Iterator[Non
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def raw_references(module: nn.Module) -> Iterator[list[tuple[tuple[Any, ...], Any]]]:
+    """A plain forward hook that keeps each call's positional arguments and output as they
+    are (references, not copies), in call order."""
+    calls: list[tuple[tuple[Any, ...], Any]] = []
+    handle = module.register_forward_hook(lambda m, args, out: calls.append((args, out)))
+    try:
+        yield calls
+    finally:
+        handle.remove()
