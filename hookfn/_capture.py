@@ -244,8 +244,39 @@ class Capture:
     @property
     def output(self) -> Tensor:
         """The primary output tensor of the only call (see `primary`)."""
-        raw = _one(self.name, "output", self.raw_outputs, "outputs", _NO_OUTPUT)
+        raw = self._only("output", self.raw_outputs, "outputs", _NO_OUTPUT)
         return _primary_of(self.name, "output", raw)
+
+    @property
+    def prompt_output(self) -> Tensor:
+        """The primary output tensor of the first call: the prompt (prefill) forward of a
+        ``model.generate`` run (docs/generation.md)."""
+        return self._calls("output", self.raw_outputs, _NO_OUTPUT)[0]
+
+    @property
+    def step_outputs(self) -> tuple[Tensor, ...]:
+        """The primary output tensors of every call after the first: one per generated
+        token fed through the model in a ``model.generate`` run (docs/generation.md)."""
+        return self._calls("output", self.raw_outputs, _NO_OUTPUT)[1:]
+
+    def joined_output(self, dim: int = 1) -> Tensor:
+        """Every call's primary output tensor joined along ``dim`` (the sequence dimension
+        of a ``[batch, seq, ...]`` activation by default).
+
+        For ``model.generate`` with the KV cache (the prompt, then one token per call) this
+        is the activation over the whole generated text but its last token, as one forward
+        without the cache computes it (docs/generation.md).
+
+        Raises:
+            CaptureError: no call was recorded; the calls do not fit together along ``dim``;
+                or the calls overlap: each one runs the whole sequence so far, as
+                ``generate(use_cache=False)`` does (read ``.outputs[-1]`` then).
+        """
+        return self._joined("output", self.raw_outputs, dim, _NO_OUTPUT)
+
+    def joined_input(self, dim: int = 1) -> Tensor:
+        """Every call's primary input tensor joined along ``dim``; see `joined_output`."""
+        return self._joined("input", self.raw_inputs, dim, _NO_INPUT)
 
     @property
     def raw_input(self) -> Args:
@@ -260,7 +291,7 @@ class Capture:
     @property
     def input(self) -> Tensor:
         """The primary input tensor of the only call: its first argument."""
-        raw = _one(self.name, "input", self.raw_inputs, "inputs", _NO_INPUT)
+        raw = self._only("input", self.raw_inputs, "inputs", _NO_INPUT)
         return _primary_of(self.name, "input", raw)
 
     @property
@@ -279,12 +310,72 @@ class Capture:
             raise CaptureError(f"layer {self.name!r}: {_NO_GRAD}")
         return grad  # type: ignore[no-any-return]
 
+    def _only(self, what: str, values: tuple[Any, ...], plural: str, hint: str) -> Any:
+        """The only call's value, or a `CaptureError` whose hint fits the calls' shapes."""
+        if len(values) <= 1:
+            return _one(self.name, what, values, plural, hint)
+        shapes = [None if (t := primary(v)) is None else tuple(t.shape) for v in values]
+        if all(shape == shapes[0] for shape in shapes):
+            how = f"torch.stack(capture.{plural}) for all of them"
+        else:
+            how = (
+                f"capture.joined_{what}() for the calls joined along the sequence dimension "
+                f"(generate with the KV cache: prompt_{what} and then step_{what}s), as they "
+                "have different shapes"
+            )
+        raise CaptureError(
+            f"layer {self.name!r} was called {len(values)} times in this run, so its {what} "
+            f"is ambiguous; use .{plural}[i] for call i (e.g. .{plural}[-1] for the last) or "
+            f"{how}."
+        )
+
+    def _calls(self, what: str, values: tuple[Any, ...], hint: str) -> tuple[Tensor, ...]:
+        if not values:
+            raise CaptureError(f"layer {self.name!r} recorded no {what}: {hint}")
+        return tuple(_primary_of(self.name, what, v) for v in values)
+
+    def _joined(self, what: str, values: tuple[Any, ...], dim: int, hint: str) -> Tensor:
+        tensors = self._calls(what, values, hint)
+        first = tensors[0]
+        if not -first.dim() <= dim < first.dim():
+            raise CaptureError(
+                f"layer {self.name!r}: the {what} has shape {tuple(first.shape)}, which has "
+                f"no dimension {dim} to join along; pass dim=."
+            )
+        sizes = [t.shape[dim] for t in tensors]
+        growing = all(sizes[i + 1] == sizes[i] + 1 for i in range(len(sizes) - 1))
+        if len(sizes) > 1 and sizes[1] > 1 and growing:
+            raise CaptureError(
+                f"layer {self.name!r}: the {len(sizes)} calls overlap (sizes {sizes} along "
+                f"dimension {dim}): each runs the whole sequence so far, as generate without "
+                f"the KV cache does, so .{what}s[-1] already holds the joined sequence."
+            )
+        d = dim % first.dim()
+        rest = [tuple(s for i, s in enumerate(t.shape) if i != d) for t in tensors]
+        if any(r != rest[0] or t.dim() != first.dim() for r, t in zip(rest, tensors, strict=True)):
+            raise CaptureError(
+                f"layer {self.name!r}: the calls' {what}s have shapes "
+                f"{[tuple(t.shape) for t in tensors]}, which do not fit together along "
+                f"dimension {dim}."
+            )
+        return torch.cat(tensors, dim=dim)
+
     def __repr__(self) -> str:
         parts = [repr(self.name), f"calls={self.n_calls}"]
-        if self.raw_outputs:
-            parts.append(f"output={_describe(self.raw_outputs[-1])}")
-        if self.raw_inputs:
-            parts.append(f"input={_describe(self.raw_inputs[-1])}")
+        for what, values in (("output", self.raw_outputs), ("input", self.raw_inputs)):
+            if len(values) == 1:
+                parts.append(f"{what}={_describe(values[0])}")
+            elif values:
+                # Every call, runs of equal descriptions counted: [(2, 5, 32), (2, 1, 32) x5]
+                runs: list[list[Any]] = []
+                for value in values:
+                    text = _describe(value)
+                    if runs and runs[-1][0] == text:
+                        runs[-1][1] += 1
+                    else:
+                        runs.append([text, 1])
+                shown = ", ".join(t if n == 1 else f"{t} x{n}" for t, n in runs)
+                parts.append(f"{what}s=[{shown}]")
         if any(g is not None for g in self.grad_outputs):
             parts.append("grad_output")
         if any(g is not None for g in self.grad_inputs):

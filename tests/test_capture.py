@@ -205,7 +205,7 @@ def test_accessors(capture, attribute, expected):
 
 
 def test_repr_names_the_layer_and_calls():
-    assert repr(Capture("enc.0", (T1, T2))) == "Capture('enc.0', calls=2, output=(2,))"
+    assert repr(Capture("enc.0", (T1, T2))) == "Capture('enc.0', calls=2, outputs=[(2,) x2])"
 
 
 PRIMARY = [
