@@ -52,6 +52,7 @@ from ._plan import Spec
 from ._run import run_with_hooks
 from ._site import Site, SiteKind
 from ._trace import Trace, TraceMultiple
+from .collect import CollectError, collect
 
 __all__ = [
     "Args",
@@ -59,6 +60,7 @@ __all__ = [
     "CaptureError",
     "CompileError",
     "Chain",
+    "CollectError",
     "Edit",
     "EditError",
     "EditLike",
@@ -87,6 +89,7 @@ __all__ = [
     "at",
     "chain",
     "clamp",
+    "collect",
     "heads",
     "from_step",
     "identity",
