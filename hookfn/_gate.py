@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "ACTIVE",
+    "HOOK_KEYS",
     "IN_BACKWARD",
     "REGISTRY",
     "Replays",
@@ -24,7 +25,6 @@ __all__ = [
     "activate",
     "deactivate",
     "graph_task",
-    "new_hook_key",
     "replaying",
 ]
 
@@ -51,12 +51,7 @@ graph_task = torch._C._current_graph_task_id
 # hookfn inserts its hooks into a module's hook dictionaries directly, under keys of its
 # own: negative numbers, which PyTorch's handles (counting up from 0) never draw, so no
 # registration of another thread can take the same key. ``next`` on a count is atomic.
-_KEYS = itertools.count(-1, -1)
-
-
-def new_hook_key() -> int:
-    """A hook key no other registration, of hookfn or of PyTorch, ever draws."""
-    return next(_KEYS)
+HOOK_KEYS = itertools.count(-1, -1)
 
 
 def activate(token: object) -> contextvars.Token[frozenset[object]]:

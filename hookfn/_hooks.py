@@ -33,7 +33,7 @@ from torch.autograd.graph import get_gradient_edge as gradient_edge
 from ._capture import PLAIN_COPY, Args, copy_value, make_copier, primary, replace_primary
 from ._edits import Edit, Function, check_result
 from ._errors import CaptureError, EditError, HookfnError, PartialEditWarning
-from ._gate import ACTIVE, IN_BACKWARD, Replays, Stopper, graph_task, new_hook_key
+from ._gate import ACTIVE, HOOK_KEYS, IN_BACKWARD, Replays, Stopper, graph_task
 from ._hook import Hook
 from ._site import Site, SiteKind
 
@@ -96,7 +96,8 @@ class _Side:
         return self.keep_grad or self.edit_grad is not None
 
 
-# Nothing is ever recorded into it: only a site with input steps writes to its input side.
+# Shared sides that nothing is ever written into (see `Recorder.__init__`).
+_NO_OUTPUT = _Side("output", "grad_output", None, False, False, None, False)
 _NO_INPUT = _Side("input", "grad_input", None, False, False, None, True)
 
 
@@ -125,6 +126,7 @@ class Recorder:
         "module",
         "name",
         "out",
+        "outputs",
         "sites",
         "stopper",
         "token",
@@ -156,16 +158,23 @@ class Recorder:
             else make_copier(hook.detach, hook.clone, hook.device, hook.dtype)
         )
         self.keep_objects = not hook.clone
-        self.out = _Side(
-            "output", "grad_output", hook.edit, hook.output, hook.grad, hook.edit_grad, False
-        )
-        # The input side of a site that never hooks its input stays the shared empty one.
+        # A side with no step of its own stays a shared empty one (nothing is written into
+        # it): the output of a site that only captures it (`record` writes `outputs`), the
+        # input of a site that never hooks its input.
+        self.outputs: list[Any] = []
+        if hook.captures_only and hook.plain_copy:
+            self.out = _NO_OUTPUT
+        else:
+            self.out = _Side(
+                "output", "grad_output", hook.edit, hook.output, hook.grad, hook.edit_grad, False
+            )
+            self.out.records = self.outputs
         self.inp = (
             _Side("input", "grad_input", hook.edit_input, hook.input, hook.grad_input, None, True)
             if hook.edits_input or hook.after_input
             else _NO_INPUT
         )
-        if stopper is not None:
+        if stopper is not None and self.out is not _NO_OUTPUT:
             (self.out if hook.output else self.inp).stops = True
         self.keys: list[int] = []  # of the hooks this recorder inserted
         self.warned = False  # (a partial edit is reported once per run)
@@ -183,15 +192,17 @@ class Recorder:
             self._insert(module._forward_pre_hooks, self.after_input, head=False, kwargs=True)
         if hook.edits_output:
             self._insert(module._forward_hooks, self.edit_output, head=True)
-        if hook.captures_only and hook.plain_copy:
-            self._insert(module._forward_hooks, self.record, head=False)
+        if hook.captures_only and hook.plain_copy:  # the most common site: `_insert`, inlined
+            key = next(HOOK_KEYS)
+            self.keys.append(key)
+            module._forward_hooks[key] = self.record
         elif hook.after_output:
             self._insert(module._forward_hooks, self.after_output, head=False)
 
     def _insert(
         self, hooks: dict[int, Any], fn: Callable[..., Any], *, head: bool, kwargs: bool = False
     ) -> None:
-        key = new_hook_key()
+        key = next(HOOK_KEYS)
         self.keys.append(key)
         if kwargs:
             self.module._forward_pre_hooks_with_kwargs[key] = True
@@ -225,7 +236,7 @@ class Recorder:
         every case where this hook must not act.
         """
         if self.token in ACTIVE.get() and graph_task() == self.base:
-            records = self.out.records
+            records = self.outputs
             if type(output) is Tensor:
                 records.append(output.detach().clone())
             else:

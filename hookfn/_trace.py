@@ -266,7 +266,7 @@ class TraceMultiple(Mapping[str, "Trace"]):
             return make_capture(name, (), (), (), ())
         return make_capture(
             name,
-            tuple(recorder.out.records),
+            tuple(recorder.outputs),
             tuple(recorder.inp.records),
             tuple(recorder.out.grads),
             tuple(recorder.inp.grads),
@@ -278,7 +278,19 @@ class TraceMultiple(Mapping[str, "Trace"]):
         Each call builds them from the records as they are now: a gradient recorded by a
         backward pass after the block is in the captures taken after it.
         """
-        return {name: self._capture_of(name) for name in self._by_name}
+        if not self._recorders:  # never entered
+            return {name: self._capture_of(name) for name in self._by_name}
+        result = {}
+        for name, recorder in self._recorders.items():  # (`_capture_of`, inlined)
+            inp = recorder.inp
+            result[name] = make_capture(
+                name,
+                tuple(recorder.outputs),
+                tuple(inp.records),
+                tuple(recorder.out.grads),
+                tuple(inp.grads),
+            )
+        return result
 
     def __getitem__(self, name: str) -> Trace:
         view = self._views.get(name)
