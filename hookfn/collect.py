@@ -232,11 +232,25 @@ def _progress(batches: Iterable[Any], enabled: bool, skip: int) -> Iterator[Any]
 # -- shards ---------------------------------------------------------------------------------
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size under ``torch.distributed`` (0, 1 without)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _manifest(
-    names: Sequence[str], parts: Sequence[Part], dtype: torch.dtype | None, shard_batches: int
+    names: Sequence[str],
+    parts: Sequence[Part],
+    dtype: torch.dtype | None,
+    shard_batches: int,
+    world: int,
 ) -> dict[str, Any]:
     return {
         "format": _FORMAT,
+        "world_size": world,
         "sites": list(names),
         "parts": [_part_repr(p) for p in parts],
         "dtype": None if dtype is None else str(dtype),
@@ -270,15 +284,54 @@ def _complete_shards(out_dir: Path) -> list[Path]:
     return found
 
 
-def load(out_dir: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """The rows `collect` wrote to ``out_dir``, one tensor per site, in dataset order.
+def load(
+    out_dir: str | os.PathLike[str], *, interleave: bool = False, n_rows: int | None = None
+) -> dict[str, Tensor]:
+    """The rows `collect` wrote to ``out_dir``, one tensor per site.
 
-    Shards are read with ``torch.load(weights_only=True)``: no pickled code runs.
+    Shards are read with ``torch.load(weights_only=True)``: no pickled code runs. A
+    collection run by several ``torch.distributed`` ranks (one ``rank-NNNNN`` directory
+    each) is read back as one dataset: the ranks' rows one after the other, or, with
+    ``interleave``, in the order a ``DistributedSampler(shuffle=False)`` took them from the
+    dataset (row ``i`` of rank ``r`` is row ``i * world_size + r``).
+
+    Args:
+        out_dir: The directory `collect` wrote.
+        interleave: Put the ranks' rows back in ``DistributedSampler`` order (every rank
+            must then hold the same number of rows, as that sampler gives them).
+        n_rows: Keep the first ``n_rows`` rows: the sampler pads the dataset to a multiple
+            of the world size by repeating its first rows.
 
     Raises:
-        CollectError: ``out_dir`` holds no collection.
+        CollectError: ``out_dir`` holds no collection, or ranks of unequal lengths are to
+            be interleaved.
     """
     directory = Path(out_dir)
+    ranks = sorted(directory.glob("rank-*"))
+    if ranks:
+        per_rank = [_load_one(path) for path in ranks]
+        result = {}
+        for name in per_rank[0]:
+            tensors = [rows[name] for rows in per_rank]
+            if interleave:
+                if len({t.shape[0] for t in tensors}) != 1:
+                    raise CollectError(
+                        f"collect: the ranks in {str(directory)!r} hold "
+                        f"{[t.shape[0] for t in tensors]} rows; interleave=True reads ranks "
+                        "of equal lengths (a DistributedSampler's)."
+                    )
+                joined = torch.stack(tensors, dim=1).flatten(0, 1)
+            else:
+                joined = torch.cat(tensors)
+            result[name] = joined
+    else:
+        result = _load_one(directory)
+    if n_rows is not None:
+        result = {name: t[:n_rows] for name, t in result.items()}
+    return result
+
+
+def _load_one(directory: Path) -> dict[str, Tensor]:
     if not (directory / "manifest.json").exists():
         raise CollectError(f"collect: {str(directory)!r} holds no manifest.json of a collection.")
     chunks: dict[str, list[Tensor]] = {}
@@ -375,6 +428,12 @@ def collect(
     filled, which are computed again, and no row is written twice. The result is then read
     back from the shards (`load` reads them too, with ``weights_only=True``).
 
+    Under ``torch.distributed`` each rank collects the batches it is given (a
+    ``DataLoader`` with a ``DistributedSampler``) and writes its own shards, to
+    ``out_dir/rank-NNNNN``; it returns its own rows once every rank is done (a barrier).
+    ``load(out_dir, interleave=True, n_rows=len(dataset))`` reads the ranks back as one
+    dataset, in the dataset's order.
+
     Args:
         model: The model; each batch is called as in `run_with_hooks` (a mapping as
             ``model(**batch)``, a tuple as ``model(*batch)``, a tensor as ``model(batch)``).
@@ -428,11 +487,14 @@ def collect(
         device = parameter.device if parameter is not None else torch.device("cpu")
     target = torch.device(device)
 
+    rank, world = _rank_and_world()
     directory = None if out_dir is None else Path(out_dir)
+    if directory is not None and world > 1:
+        directory = directory / f"rank-{rank:05d}"
     skip = 0
     shard_index = 0
     if directory is not None:
-        manifest = _manifest(names, list(wanted.values()), dtype, shard_batches)
+        manifest = _manifest(names, list(wanted.values()), dtype, shard_batches, world)
         directory.mkdir(parents=True, exist_ok=True)
         manifest_path = directory / "manifest.json"
         if manifest_path.exists():
@@ -493,7 +555,11 @@ def collect(
     if directory is not None:
         if pending:
             _flush(directory, shard_index, pending)
-        return load(directory)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank's shards are complete when any rank returns
+        return _load_one(directory)
     return writer.result()
 
 

@@ -227,3 +227,79 @@ def test_without_mask_last_is_the_last_position(model: transformers.GPT2LMHeadMo
     want = [run_with_hooks(model, x, {"transformer.h.0": Hook()})[1] for x in ids]
     expected = torch.cat([c["transformer.h.0"].output[:, -1] for c in want])
     assert torch.equal(got["transformer.h.0"], expected)
+
+
+# -- torch.distributed: 2 gloo processes, each writing its own shards --------------------
+
+WORLD = 2
+N_ROWS = 7  # odd: the sampler pads rank 1 with a repeat of row 0
+
+
+def _dataset_rows() -> list[dict[str, Tensor]]:
+    return [{k: v[r] for k, v in b.items()} for b in _batches("right", n=3) for r in range(3)][
+        :N_ROWS
+    ]
+
+
+def _tiny_model() -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=3, n_embd=32, n_head=4, vocab_size=100, n_positions=32,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _collect_worker(rank: int, port: int, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
+    try:
+        rows = _dataset_rows()
+        sampler = torch.utils.data.DistributedSampler(rows, shuffle=False)
+        loader = torch.utils.data.DataLoader(rows, batch_size=2, sampler=sampler)
+        mine = collect(_tiny_model(), loader, SITES, out_dir=out_dir, shard_batches=1)
+        torch.save(mine, Path(out_dir) / f"returned-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    context = mp.spawn(_collect_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail("the collection processes did not finish in 120 s")
+    rows = _dataset_rows()
+    one = collect(_tiny_model(), torch.utils.data.DataLoader(rows, batch_size=2), SITES)
+    both = load(tmp_path, interleave=True, n_rows=N_ROWS)
+    assert sorted(p.name for p in tmp_path.glob("rank-*")) == ["rank-00000", "rank-00001"]
+    for name in SITES:
+        assert both[name].shape == (N_ROWS, 32)
+        torch.testing.assert_close(both[name], one[name], rtol=1e-6, atol=1e-6)
+    # Each rank returned its own rows: every other row of the (padded) dataset.
+    for rank in range(WORLD):
+        mine = torch.load(tmp_path / f"returned-{rank}.pt", weights_only=True)
+        padded = torch.cat([one[SITES[0]], one[SITES[0]][:1]])
+        torch.testing.assert_close(mine[SITES[0]], padded[rank::WORLD], rtol=1e-6, atol=1e-6)
