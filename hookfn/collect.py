@@ -198,14 +198,15 @@ def _known_rows(batches: Iterable[Any]) -> int | None:
     """The number of rows the batches hold, where it is known without running anything."""
     if isinstance(batches, (list, tuple)):
         return sum(_rows(b, i) for i, b in enumerate(batches))
-    dataset = getattr(batches, "dataset", None)
+    # A DataLoader that batches its sampler's indices: as many rows as the sampler gives
+    # (a DistributedSampler gives this rank's share).
+    sampler = getattr(batches, "sampler", None)
     if (
-        dataset is not None
-        and hasattr(dataset, "__len__")
-        and not getattr(batches, "drop_last", False)
+        isinstance(sampler, Sized)
         and getattr(batches, "batch_size", None) is not None
+        and not getattr(batches, "drop_last", False)
     ):
-        return len(dataset)
+        return len(sampler)
     return None
 
 

@@ -303,3 +303,13 @@ def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
         mine = torch.load(tmp_path / f"returned-{rank}.pt", weights_only=True)
         padded = torch.cat([one[SITES[0]], one[SITES[0]][:1]])
         torch.testing.assert_close(mine[SITES[0]], padded[rank::WORLD], rtol=1e-6, atol=1e-6)
+
+
+def test_rows_of_a_sampler_are_known_before_the_run(model: transformers.GPT2LMHeadModel) -> None:
+    rows = _dataset_rows()
+    sampler = torch.utils.data.DistributedSampler(rows, num_replicas=2, rank=1, shuffle=False)
+    loader = torch.utils.data.DataLoader(rows, batch_size=3, sampler=sampler)
+    got = collect(model, loader, SITES)
+    want = collect(model, [torch.utils.data.default_collate([rows[i] for i in sampler])], SITES)
+    assert got[SITES[0]].shape == (4, 32)
+    torch.testing.assert_close(got[SITES[0]], want[SITES[0]], rtol=1e-6, atol=1e-6)
