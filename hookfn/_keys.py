@@ -381,6 +381,13 @@ def resolve_key(model: nn.Module, names: Names, prefix: str, key: object) -> Ite
             "model.named_modules(); use a glob such as 'transformer.h.*' to match several."
             + _bracket_hint(key)
         )
+    if re.search(r"\[\d+\]", inner_key) and not any(c in inner_key for c in "*?"):
+        dotted = re.sub(r"\[(\d+)\]", r".\1", inner_key)
+        if submodule(inner, dotted) is not None:
+            raise LayerNotFoundError(
+                f"{key!r} indexes with brackets, but layer names use dots: write "
+                f"{user_prefix + dotted!r} (or pass the module object itself)."
+            )
     regex = glob_regex(inner_key)
     found_any = False
     for position, name in enumerate(names.names):

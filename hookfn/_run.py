@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ._capture import Args, Capture
 from ._compile import eager_callable, eager_forward
+from ._edits._cache import Captures
 from ._errors import HookfnError, SpecError
 from ._func import inside_vmap, state_call, transform_error, vmap_backward_error
 from ._gate import IN_BACKWARD, StopForward, graph_task
@@ -133,7 +134,7 @@ def run_with_hooks(
     trace = TraceMultiple(model, spec, stop_early=stop_early, strict=strict, _eager_root=eager_root)
     if not trace.sites and backward is None:  # nothing to hook: nothing to open or close
         try:
-            return (fn(inputs) if type(inputs) is Tensor else call_with(fn, inputs)), {}
+            return (fn(inputs) if type(inputs) is Tensor else call_with(fn, inputs)), Captures()
         except RuntimeError as error:
             explained = transform_error(error)
             if explained is None:
@@ -165,7 +166,7 @@ def run_with_hooks(
             raise
     if not stopped:
         trace._report_uncalled(stacklevel=3)
-    return output, trace.captures()
+    return output, Captures.of(trace.captures(), ((p.name, p.module) for p in trace.sites))
 
 
 def check_inputs(inputs: object) -> None:

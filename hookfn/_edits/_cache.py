@@ -4,18 +4,107 @@ share."""
 from __future__ import annotations
 
 import difflib
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
 
-from .._capture import primary
-from .._errors import EditError
+from .._capture import Capture, primary
+from .._errors import CaptureError, EditError, SpecError
 from .._site import Site
 from ._arguments import cache_arg
 from ._base import Cache, ValueEdit, call_repr
 from ._checks import like_x
 from ._parts import through_views, whole_shape
+
+
+class Captures(dict[str, Capture]):
+    """The ``{layer: Capture}`` dict a run returns: a dict that also notes the module each
+    capture came from (by weak reference: it keeps no model alive), so that `patch_from` can
+    tell a cache of another model. A missing layer is a `CaptureError` (a ``LookupError``)
+    that lists the closest names. ``dict(captures)`` is a plain dict without the modules."""
+
+    modules: dict[str, weakref.ref[nn.Module]]
+    _checked: dict[tuple[str, int], bool]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.modules = {}
+        self._checked = {}
+
+    @classmethod
+    def of(cls, captures: dict[str, Capture], modules: Iterable[tuple[str, nn.Module]]) -> Captures:
+        result = cls(captures)
+        result.modules = {name: weakref.ref(module) for name, module in modules}
+        return result
+
+    def __missing__(self, name: str) -> Capture:
+        names = list(self)
+        close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
+        hint = f"; closest: {', '.join(map(repr, close))}" if close else ""
+        more = " ..." if len(names) > 6 else ""
+        raise CaptureError(
+            f"no capture of layer {name!r}{hint}. The run captured {len(names)} layer(s): "
+            f"{names[:6]}{more}. Name {name!r} in the spec to capture it."
+        )
+
+
+def _flatten_captures(captures: Captures) -> tuple[list[Any], Any]:
+    return list(captures.values()), (list(captures), captures.modules)
+
+
+def _unflatten_captures(values: Iterable[Any], context: Any) -> Captures:
+    names, modules = context
+    result = Captures(zip(names, values, strict=True))
+    result.modules = modules
+    return result
+
+
+pytree.register_pytree_node(
+    Captures, _flatten_captures, _unflatten_captures, serialized_type_name="hookfn.Captures"
+)
+
+
+def fingerprint(module: nn.Module) -> tuple[str, tuple[tuple[str, tuple[int, ...]], ...]]:
+    """What tells one model's module from another's: its class, and its parameters' names
+    and shapes."""
+    shapes = tuple((name, tuple(p.shape)) for name, p in module.named_parameters())
+    return type(module).__qualname__, shapes
+
+
+def check_same_model(cache: Cache, site: Site) -> None:
+    """Raise if ``cache`` (a `Captures` that knows its modules) was recorded on a module
+    other than the one at ``site`` that differs in class or parameter names and shapes."""
+    modules = getattr(cache, "modules", None)
+    if not modules:
+        return
+    name = str.__str__(site)
+    ref = modules.get(name)
+    source = None if ref is None else ref()
+    target = getattr(site, "module", None)
+    if source is None or target is None or source is target:
+        return
+    checked: dict[tuple[str, int], bool] = cache._checked  # type: ignore[attr-defined]
+    key = (name, id(target))
+    same = checked.get(key)
+    if same is None:
+        same = checked[key] = fingerprint(source) == fingerprint(target)
+    if not same:
+        theirs, ours = fingerprint(source), fingerprint(target)
+        pairs = zip(theirs[1], ours[1], strict=False)
+        differ = next(
+            (f"{a[0]!r}: {a[1]} vs {b[1]}" for a, b in pairs if a != b),
+            f"{len(theirs[1])} vs {len(ours[1])} parameters",
+        )
+        raise SpecError(
+            f"the cache was recorded on another model: its layer {name!r} is a {theirs[0]} "
+            f"whose parameters differ from this model's {ours[0]} ({differ}). Patch from a "
+            "cache of this model; to patch across models on purpose, pass "
+            "patch_from(dict(cache))."
+        )
 
 
 def cached_part(cache: Cache, site: Site) -> Tensor:
@@ -73,8 +162,16 @@ class PatchFrom(ValueEdit):
     cache: Cache
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
+        check_same_model(self.cache, site)
         source = cached_part(self.cache, site)
         whole = whole_shape(site, x)
+        if source.shape != whole and (source.dim() != len(whole) or source.shape[-1] != whole[-1]):
+            raise EditError(
+                f"the cached activation has shape {tuple(source.shape)}, but this run's has "
+                f"shape {tuple(whole)}: the feature widths differ, so the cache comes from "
+                "another model (or another layer). Patch from a cache this model recorded: "
+                "run_with_hooks(model, clean_inputs, [...])."
+            )
         if source.shape != whole:
             raise EditError(
                 f"the cached activation has shape {tuple(source.shape)}, but this run's has "
@@ -109,6 +206,9 @@ def patch_from(cache: Cache) -> PatchFrom:
         SpecError: ``cache`` is not a ``{layer: Capture}`` dict.
         EditError: (when applied) the cache lacks the layer or the call, or the recorded
             shape differs from the activation's, or it holds another kind of number.
+        SpecError: (when applied) the cache that `run_with_hooks` returned was recorded on a
+            module of another class or with other parameter names or shapes than the one
+            patched (a cache of another model). ``patch_from(dict(cache))`` skips the check.
 
     Examples:
         >>> import torch
@@ -120,4 +220,9 @@ def patch_from(cache: Cache) -> PatchFrom:
         >>> torch.allclose(out, clean_out)
         True
     """
-    return PatchFrom(cache_arg(cache, "patch_from(cache)"))
+    copied = cache_arg(cache, "patch_from(cache)")
+    modules = getattr(cache, "modules", None) if isinstance(cache, Captures) else None
+    if modules:
+        copied = Captures(copied)
+        copied.modules = dict(modules)
+    return PatchFrom(copied)
