@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-installed
 
-.PHONY: demo test lint typecheck unit docs bench gpu
+.PHONY: demo test lint typecheck unit docs bench gpu wheel
 
 # TransformerLens for its tests, without the training stack its full requirements bring
 # (wandb, sentencepiece, ...): the set below is what importing TransformerBridge needs.
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python -m hookfn.demo
 
-test: lint typecheck unit docs bench gpu
+test: lint typecheck unit docs bench gpu wheel
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -59,3 +59,19 @@ gpu:
 	if [ -z "$$py" ]; then if [ -x $(BIN)/python ]; then py=$(BIN)/python; else py=python3; fi; fi; \
 	echo "$$py benchmarks/gpu/gpu_check.py $(OUT)"; \
 	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" "$$py" benchmarks/gpu/gpu_check.py "$(OUT)"
+
+# The package as users install it: build the sdist and the wheel, install the wheel into a
+# clean venv (with the pinned torch), then, from outside the source tree, import it, run the
+# demo on the weights the wheel ships, and check the extras it declares.
+WHEEL_DIR := $(VENV)/wheel-check
+wheel: $(STAMP)
+	rm -rf $(WHEEL_DIR)
+	$(BIN)/python -m build --outdir $(WHEEL_DIR)/dist . > $(WHEEL_DIR).log 2>&1 || (cat $(WHEEL_DIR).log; exit 1)
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q -c constraints.txt $(WHEEL_DIR)/dist/hookfn-*.whl
+	cd $(WHEEL_DIR) && venv/bin/python -c "import hookfn, hookfn.nethook; \
+		assert 'site-packages' in hookfn.__file__, hookfn.__file__; print('hookfn', hookfn.__version__)"
+	cd $(WHEEL_DIR) && venv/bin/python -m hookfn.demo > demo.log
+	cd $(WHEEL_DIR) && venv/bin/python -c "from importlib.metadata import metadata; \
+		extras = set(metadata('hookfn').get_all('Provides-Extra')); \
+		assert {'progress', 'plots', 'test', 'docs', 'dev'} <= extras, extras; print('extras', sorted(extras))"
