@@ -9,7 +9,7 @@ from typing import Any, Union
 import torch
 from typing_extensions import TypeAlias
 
-from ._edits import Edit, EditLike, as_edit
+from ._edits import Edit, EditLike, Function, as_edit
 from ._errors import SpecError
 
 __all__ = ["CAPTURE", "Hook", "SpecValue", "to_hook"]
@@ -132,6 +132,15 @@ class Hook:
         setattr_(self, "clone", clone)
         setattr_(self, "device", device)
         setattr_(self, "dtype", dtype)
+        if whole:
+            for what, given in (("edit", self.edit), ("edit_input", self.edit_input)):
+                if given is not None and not isinstance(given, Function):
+                    raise SpecError(
+                        f"Hook({what}={given!r}, whole=True): a whole-structure edit is a "
+                        "plain function of the whole output (or Args); the edit combinators "
+                        "take the primary tensor. Restrict the combinator to the tensor you "
+                        "mean inside your function, or leave whole=False."
+                    )
         setattr_(self, "whole", whole)
         if part is not None and not callable(part) and not _is_index(part):
             raise SpecError(

@@ -32,7 +32,7 @@ from torch.autograd.graph import get_gradient_edge as gradient_edge
 
 from ._capture import PLAIN_COPY, Args, copy_value, make_copier, primary, replace_primary
 from ._edits import Edit, Function, check_result
-from ._errors import CaptureError, EditError, HookfnError, PartialEditWarning
+from ._errors import CaptureError, EditError, HookfnError, HookfnWarning, PartialEditWarning
 from ._gate import ACTIVE, HOOK_KEYS, IN_BACKWARD, Replays, Stopper, graph_task
 from ._hook import Hook
 from ._site import Site, SiteKind
@@ -81,8 +81,9 @@ class _Side:
         self.keep = keep
         self.keep_grad = keep_grad
         self.edit_grad = edit_grad
-        # A gradient is taken on a fresh alias of the tensor (the input: the gradient into
-        # this module alone), or on the tensor itself (the output: what flows back into it).
+        # Whether a gradient is always taken on a fresh alias of the tensor, which the rest of
+        # the model then receives (the input: the gradient into this module alone), or on
+        # the output tensor itself unless another site shares it (see `Recorder._track`).
         self.alias = alias
         self.records: list[Any] = []
         self.grads: list[Tensor | None] = []
@@ -254,7 +255,7 @@ class Recorder:
         return None
 
     def after_output(self, module: nn.Module, args: Any, output: Any) -> Any:
-        return self._after(self.out, output)
+        return self._after(self.out, output, args)
 
     # ``kwargs`` has a default: a call on another thread that took its snapshot of the hooks
     # as this run removed its own may call the hook without them; the gate then returns.
@@ -287,6 +288,8 @@ class Recorder:
             # again, identically, with the site of the call it replays.
             if side.replays is None:
                 side.replays = Replays()
+                if side.edit_calls > 1:
+                    _warn_replays(self.name)
             call = side.replays.call(side.edit_calls)
         edit: Any = side.edit
         sites = self.sites.get(side.kind)
@@ -311,7 +314,7 @@ class Recorder:
             _warn_if_partial(edit, site, value, x)
         return replace_primary(value, y)
 
-    def _after(self, side: _Side, value: Any) -> Any:
+    def _after(self, side: _Side, value: Any, args: Any = ()) -> Any:
         """The gate, then gradient tracking and the record: a new value (a tensor made to
         track gradients), or None for unchanged. Re-runs by checkpointing do nothing."""
         if not (self.token in ACTIVE.get() and graph_task() == self.base):
@@ -320,7 +323,7 @@ class Recorder:
         side.calls = call + 1
         result = None
         if side.keep_grad or side.edit_grad is not None:
-            tracked = self._track(side, value, call)
+            tracked = self._track(side, value, call, args)
             if tracked is not None:
                 value = result = tracked
         if side.keep:
@@ -358,9 +361,17 @@ class Recorder:
             )
         return kept
 
-    def _track(self, side: _Side, value: Any, call: int) -> Any:
+    def _track(self, side: _Side, value: Any, call: int, args: Any) -> Any:
         """Put a gradient hook on ``value``'s primary tensor; the value to pass on if the
-        tensor had to be replaced (a leaf made to require grad, or an alias)."""
+        tensor had to be replaced (a leaf made to require grad, or an alias).
+
+        An output tensor is hooked itself (so an in-place op after the module keeps the
+        hook on the graph), unless another site shares it: the module returned its input
+        (an Identity probe, dropout in eval mode), or a site of this run hooked the same
+        tensor (a parent and its last child return one tensor). Then a fresh alias, which
+        the rest of the model receives, takes the gradient through this site alone, in the
+        order the tensor flows through the sites.
+        """
         grads = side.grads
         slot = len(grads)
         grads.append(None)
@@ -368,7 +379,7 @@ class Recorder:
         if tensor is None or not torch.is_grad_enabled():
             return None
         new = None
-        if side.alias or not tensor.requires_grad:
+        if side.alias or not tensor.requires_grad or self._shared(tensor, args):
             # A fresh alias: the gradient into this module alone, not the total of every
             # consumer of the tensor; a leaf where nothing upstream requires grad (a frozen
             # model), so the graph starts here.
@@ -382,6 +393,14 @@ class Recorder:
         )
         self.grad_targets.append(gradient_edge(tensor))
         return None if new is None else replace_primary(value, new)
+
+    def _shared(self, tensor: Tensor, args: Any) -> bool:
+        if args and primary(args[0]) is tensor:
+            return True
+        edge = gradient_edge(tensor)
+        return any(
+            t.node is edge.node and t.output_nr == edge.output_nr for t in self.grad_targets
+        )
 
     def _site(self, kind: SiteKind, call: int) -> Site:
         sites = self.sites.get(kind)
@@ -492,14 +511,29 @@ def _leaf(tensor: Tensor) -> Tensor | None:
 
 
 def _put_first(hooks: dict[int, Any], key: int) -> None:
-    """Move ``key`` in front of every hook but the edit steps inserted before it."""
+    """Move ``key`` right after the last edit step already in the dictionary (to the front
+    if there is none), keeping the order of every other hook, a user's ``prepend=True``
+    hook in front of an earlier run's edit step included."""
     move = getattr(hooks, "move_to_end", None)
     if move is None:
         return
-    earlier = [k for k in hooks if k in _HEADS and k != key]
+    keys = [k for k in hooks if k != key]
+    last_head = max((i for i, k in enumerate(keys) if k in _HEADS), default=-1)
     move(key, last=False)
-    for k in reversed(earlier):
+    for k in reversed(keys[: last_head + 1]):
         move(k, last=False)
+
+
+def _warn_replays(name: str) -> None:
+    warnings.warn(
+        f"activation checkpointing re-runs layer {name!r}, which the run called several "
+        "times: its edits are applied again with the Site of the call they replay, matched "
+        "in the order backward re-runs checkpointed segments (the last segment first). Two "
+        "calls inside one checkpointed segment are replayed in the other order: an edit that "
+        "depends on site.call is then applied with the wrong call there.",
+        HookfnWarning,
+        stacklevel=2,
+    )
 
 
 def in_context(error: HookfnError, edit: object, site: Site) -> HookfnError:

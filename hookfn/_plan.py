@@ -199,7 +199,9 @@ def _resolve(
             (position, p.name, p.module, p.order, p.sites)
             for p, (*_, position) in zip(sites, picked, strict=True)
         ]
-        _keep(model, keys, _Kept.make(inner, entries, around, globbed))
+        kept = _Kept.make(inner, entries, around, globbed)
+        if kept is not None:
+            _keep(model, keys, kept)
     return Plan(sites, around)
 
 
@@ -226,7 +228,10 @@ class _Kept:
         entries: list[tuple[int, str, nn.Module, int, dict[str, list[Site]]]],
         around: tuple[tuple[str, nn.Module, bool], ...],
         globbed: bool,
-    ) -> _Kept:
+    ) -> _Kept | None:
+        """The kept form of a resolution; None where a name's path cannot be followed
+        through registered children and instance attributes (a property, a class's own
+        ``__getattr__``): nothing could tell when it changes, so it is resolved each run."""
         ref = weakref.ref
         if globbed:  # a glob's matches depend on every module of the model
             checks = tuple(_Check.of(module, module._modules, False) for module in inner.modules())
@@ -234,7 +239,10 @@ class _Kept:
             steps: dict[tuple[int, bool], dict[str, nn.Module]] = {}
             parents: dict[int, nn.Module] = {}
             for _, name, *_ in entries:
-                for link in path_to(inner, name) or ():
+                path = path_to(inner, name)
+                if path is None:
+                    return None
+                for link in path:
                     parents[id(link.parent)] = link.parent
                     steps.setdefault((id(link.parent), link.alias), {})[link.part] = link.child
             checks = tuple(
@@ -291,7 +299,7 @@ class _Check:
         self,
         parent: weakref.ref[nn.Module],
         names: tuple[str, ...] | None,
-        children: tuple[tuple[str, weakref.ref[nn.Module]], ...],
+        children: tuple[tuple[str, weakref.ref[nn.Module] | None], ...],
         alias: bool,
     ) -> None:
         self.parent = parent
@@ -305,7 +313,8 @@ class _Check:
             weakref.ref(parent),
             None if alias else tuple(parent._modules),
             tuple(
-                (part, weakref.ref(child)) for part, child in children.items() if child is not None
+                (part, None if child is None else weakref.ref(child))
+                for part, child in children.items()
             ),
             alias,
         )
@@ -320,9 +329,12 @@ class _Check:
             where = parent._modules
             if tuple(where) != self.names:  # a child added, removed, renamed or moved
                 return False
-        for part, child in self.children:  # noqa: SIM110  (all() with a generator costs twice)
-            if where.get(part) is not child():
-                return False
+        state = parent.__dict__
+        for part, child in self.children:
+            if where.get(part) is not (None if child is None else child()):
+                return False  # (a None slot filled, or a child replaced or freed)
+            if not self.alias and part in state:
+                return False  # an instance attribute now shadows the registered child
         return True
 
 

@@ -116,6 +116,13 @@ def run_with_hooks(
         >>> torch.equal(out, model[1].bias.expand(3, 2))
         True
     """
+    if forward is not None and not callable(forward):
+        raise SpecError(f"forward= takes a callable (e.g. model.generate), got {forward!r}.")
+    if backward is not None and not callable(backward):
+        raise SpecError(
+            f"backward= takes a function of the output that returns a scalar tensor, got "
+            f"{backward!r}."
+        )
     if stop_early and backward is not None:
         raise SpecError(
             "stop_early=True cannot be combined with backward=...: the metric needs the "

@@ -46,14 +46,16 @@ class _PendingExit:
     If an interrupt (``KeyboardInterrupt``) arrives as ``__exit__`` begins, before its first
     line runs, the ``with`` statement drops this object without a completed call: it then
     closes the run itself, so no hook outlives the block. It closes only the run opened
-    right after it was made, never a later one of the same object.
+    right after it was made (or the one open as it was made), never a later one of the
+    same object, and a call after that run has ended does nothing.
     """
 
     __slots__ = ("done", "owner", "run")
 
     def __init__(self, owner: TraceMultiple) -> None:
         self.owner = owner
-        self.run = owner._runs + 1  # the run the ``with`` statement is about to open
+        # The run the ``with`` statement is about to open; the open one if taken inside it.
+        self.run = owner._runs if owner._token is not None else owner._runs + 1
         self.done = False
 
     def __call__(
@@ -62,7 +64,8 @@ class _PendingExit:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        suppress = self.owner._exit(exc_type, exc, tb)
+        owner = self.owner
+        suppress = owner._exit(exc_type, exc, tb) if owner._runs == self.run else False
         self.done = True
         return suppress
 
@@ -135,6 +138,9 @@ class TraceMultiple(Mapping[str, "Trace"]):
         strict: bool = False,
         _eager_root: nn.Module | None = None,
     ) -> None:
+        for flag, value in (("stop_early", stop_early), ("strict", strict)):
+            if not isinstance(value, bool):
+                raise SpecError(f"{flag}= takes True or False, got {value!r}.")
         plan = make_plan(model, layers)
         self.model = model
         self.sites: tuple[Planned, ...] = plan.sites
@@ -146,6 +152,13 @@ class TraceMultiple(Mapping[str, "Trace"]):
             wrappers = check_compiled(model, plan.around, eager_root=_eager_root)
             self._guard = CompileGuard(wrappers) if wrappers else None
             parallels = plan.parallels
+            if parallels and stop_early:
+                raise SpecError(
+                    "stop_early=True cannot stop a forward pass inside DataParallel: its "
+                    "worker threads catch only Exception, and the stop would end in an error "
+                    "of PyTorch's. Run without stop_early, or hook the module DataParallel "
+                    "wraps (model.module)."
+                )
             self._parallel = ParallelContext(parallels) if parallels else None
         self._token: object | None = None
         self._runs = 0  # runs opened so far
@@ -364,6 +377,11 @@ class Trace(TraceMultiple):
         stop: bool = False,
         strict: bool = False,
     ) -> None:
+        if not isinstance(layer, (str, nn.Module)):
+            raise SpecError(
+                f"Trace takes one layer (a name or a module), got a {type(layer).__name__}; "
+                "use TraceMultiple for several layers."
+            )
         label = layer if isinstance(layer, str) else type(layer).__name__
         if hook is None:
             hook = to_hook((retain_output, retain_input, edit_output), label)
@@ -383,6 +401,8 @@ class Trace(TraceMultiple):
         view = cls.__new__(cls)
         view._owner = owner
         view._name = name
+        view._runs = 0  # (a view is never entered: see `_open`)
+        view._token = None
         return view
 
     @property

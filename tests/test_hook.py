@@ -41,3 +41,11 @@ def test_bad_value_names_the_key_and_the_accepted_forms(tiny_gpt2, value):
     assert "f(x)" in message  # says what an edit looks like
     if not callable(value):
         assert "accepted values: 'capture'" in message
+
+
+def test_a_whole_structure_hook_takes_plain_functions_only() -> None:
+    from hookfn import SpecError, add
+
+    with pytest.raises(SpecError, match="whole"):
+        Hook(add(1.0), whole=True)
+    Hook(lambda out: out, whole=True)  # a plain function is fine

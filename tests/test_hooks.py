@@ -17,9 +17,11 @@ from hookfn import (
     Omitted,
     PartialEditWarning,
     Trace,
+    TraceMultiple,
     add,
     replace,
     run_with_hooks,
+    scale,
 )
 
 
@@ -317,3 +319,83 @@ def test_a_part_that_does_not_fit_names_the_layer() -> None:
     assert not model[0]._forward_hooks
     with pytest.raises(SpecError, match="part"):
         Hook(part="last")
+
+
+# -- gradients at sites that share one tensor ---------------------------------------------
+
+
+def test_a_parent_and_its_last_child_take_their_gradients_in_flow_order() -> None:
+    """A parent returns its last child's tensor: the parent's gradient step comes first
+    (nearer the metric), the child's after it, as the gradient flows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 1))
+    x = torch.randn(3, 4)
+    metric = lambda y: y.sum()  # noqa: E731
+    expected = model[1].weight.detach().expand(3, 4)  # d metric / d output of "0"
+    _, caches = run_with_hooks(
+        model, x, {"0": Hook(edit_grad=scale(0.0)), "0.1": Hook(grad=True)}, backward=metric
+    )
+    assert torch.equal(caches["0.1"].grad_output, torch.zeros(3, 4))  # after the parent's edit
+    _, caches = run_with_hooks(
+        model, x, {"0": Hook(grad=True), "0.1": Hook(edit_grad=scale(0.0))}, backward=metric
+    )
+    torch.testing.assert_close(caches["0"].grad_output, expected)  # before the child's edit
+
+
+def test_an_identity_probe_takes_the_gradient_through_itself_only() -> None:
+    class Probed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 4)
+            self.probe = nn.Identity()
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.inp(x)
+            return self.out(self.probe(h)) + h.sin().sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    model, x = Probed(), torch.randn(3, 4)
+    _, caches = run_with_hooks(model, x, {"probe": Hook(grad=True)}, backward=lambda y: y.sum())
+    torch.testing.assert_close(caches["probe"].grad_output, model.out.weight.detach().expand(3, 4))
+
+
+def test_checkpointing_a_layer_called_twice_warns_about_the_replayed_calls() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    from hookfn import HookfnWarning
+
+    shared = nn.Linear(4, 4)
+
+    def segment(x: Tensor) -> Tensor:
+        return torch.tanh(shared(torch.tanh(shared(x))))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = shared
+
+        def forward(self, x: Tensor) -> Tensor:
+            return checkpoint(segment, x, use_reentrant=False)  # type: ignore[no-any-return]
+
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.warns(HookfnWarning, match="called several times"):
+        run_with_hooks(Net(), x, {"shared": Hook(add(1.0), grad=True)}, backward=lambda y: y.sum())
+
+
+def test_a_nested_run_keeps_a_users_prepended_hook_in_front() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    seen: list[Tensor] = []
+    with TraceMultiple(model, {"0": add(1.0)}), torch.no_grad():
+        handle = model[0].register_forward_hook(
+            lambda m, a, o: seen.append(o.clone()), prepend=True
+        )
+        try:
+            run_with_hooks(model, x, {"0": add(0.0)})  # a nested run inserts its edit step
+            model(x)
+        finally:
+            handle.remove()
+        plain = model[0](x)
+    assert len(seen) == 2  # the nested run's call, then the plain call
+    torch.testing.assert_close(seen[1], plain - 1.0)  # still in front of the outer edit

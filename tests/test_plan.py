@@ -305,3 +305,66 @@ def test_a_kept_resolution_holds_no_spec_values() -> None:
     del big, cache, edit, cache_out
     gc.collect()
     assert all(r() is None for r in refs), "a finished run's edit values are still held"
+
+
+# -- kept resolutions: the cases a check could miss ---------------------------------------
+
+
+class _WithProperty(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+
+    @property
+    def first(self) -> nn.Module:
+        return self.layers[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)  # type: ignore[no-any-return]
+
+
+def test_a_name_through_a_property_is_resolved_again_on_every_run() -> None:
+    model, x = _WithProperty(), torch.randn(2, 4)
+    run_with_hooks(model, x, ["first"])
+    model.layers[0] = nn.Sequential(model.layers[0], nn.Tanh())  # the old layer stays alive
+    with torch.no_grad():
+        _, caches = run_with_hooks(model, x, ["first"])
+        torch.testing.assert_close(caches["first"].output, model.first(x))
+    assert ("first",) not in kept(model)
+
+
+class _TwoOrThree(nn.Module):
+    """Calls ``a``, ``b``, and ``extra`` where it is not None (a slot that may be empty)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.register_module("extra", None)  # a registered slot, empty for now
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.b(self.a(x))
+        extra = self._modules["extra"]
+        return h if extra is None else extra(h)  # type: ignore[no-any-return]
+
+
+def test_a_glob_sees_a_child_slot_that_was_none_and_is_filled() -> None:
+    model, x = _TwoOrThree(), torch.randn(2, 4)
+    assert list(run_with_hooks(model, x, ["*"])[1]) == ["a", "b"]
+    model.extra = nn.Tanh()
+    with torch.no_grad():
+        _, caches = run_with_hooks(model, x, ["*"])
+    assert list(caches) == ["a", "b", "extra"]
+    torch.testing.assert_close(caches["extra"].output, model(x))
+
+
+def test_an_attribute_shadowing_a_registered_child_is_seen() -> None:
+    model, x = _TwoOrThree(), torch.randn(2, 4)
+    delta = torch.randn(4)
+    run_with_hooks(model, x, {"a": add(delta)})
+    other = nn.Linear(4, 4)
+    object.__setattr__(model, "a", other)  # what forward's self.a and get_submodule find
+    with torch.no_grad():
+        out, _ = run_with_hooks(model, x, {"a": add(delta)})
+    ref, _ = raw_run(model, x, {"a": lambda h: h + delta})
+    torch.testing.assert_close(out, ref)

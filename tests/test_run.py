@@ -632,3 +632,16 @@ def test_an_edit_at_a_module_the_run_never_called_is_reported() -> None:
     with pytest.raises(EditError, match="'unused'"):
         run_with_hooks(model, x, {"unused": add(1.0)}, forward=model.used, strict=True)
     assert not model.unused._forward_hooks
+
+
+def test_bad_forward_or_backward_arguments_are_spec_errors_before_the_forward() -> None:
+    model = _small()
+    with count_calls(model[0]) as calls:
+        with pytest.raises(SpecError, match="backward="):
+            run_with_hooks(model, torch.randn(1, 4), {"0": Hook(grad=True)}, backward=3)  # type: ignore[arg-type]
+        with pytest.raises(SpecError, match="forward="):
+            run_with_hooks(model, torch.randn(1, 4), ["0"], forward=3)  # type: ignore[arg-type]
+        with pytest.raises(SpecError, match="stop_early"):
+            run_with_hooks(model, torch.randn(1, 4), ["0"], stop_early="yes")  # type: ignore[arg-type]
+    assert calls == []
+    assert not model[0]._forward_hooks

@@ -277,3 +277,35 @@ def test_stop_early_ends_a_trace_multiple_block_normally() -> None:
         model(x)
         raise AssertionError("not reached: the forward stopped")
     torch.testing.assert_close(tm["0"].output, model[0](x))
+
+
+def test_an_exit_taken_inside_a_block_never_closes_a_later_run() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    trace = Trace(model, "0", edit_output=lambda h: h * 0)
+    with trace, torch.no_grad():
+        model(x)
+        taken = trace.__exit__
+    trace.__enter__()
+    try:
+        del taken  # dropped: it belonged to the first run
+        assert len(model[0]._forward_hooks) == 2
+        with torch.no_grad():
+            assert torch.equal(model(x), torch.zeros(2, 4))
+    finally:
+        trace.__exit__(None, None, None)
+    assert not model[0]._forward_hooks
+
+
+def test_bad_arguments_of_the_context_managers_are_spec_errors() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    tm = TraceMultiple(model, ["0"])
+    with pytest.raises(HookfnError, match="belongs to a TraceMultiple"), tm["0"]:
+        pass
+    with pytest.raises(SpecError, match="TraceMultiple for several"):
+        Trace(model, ["0"])  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="strict"):
+        TraceMultiple(model, ["0"], strict="yes")  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="DataParallel"):
+        TraceMultiple(torch.nn.DataParallel(model), ["module.0"], stop_early=True)
+    assert not model[0]._forward_hooks
