@@ -1,8 +1,8 @@
 """What the call-scope gate costs on the hook path.
 
-Every hookfn hook starts with one test, ``token in ACTIVE.get()`` (``hookfn._gate``): a ContextVar read and a
-frozenset lookup, so that a run's hooks act only in its own thread or asyncio task. This
-script measures that gate in place, where it runs:
+Every hookfn hook starts with one test, ``token in ACTIVE.get()`` (``hookfn._gate``): a
+ContextVar read and a frozenset lookup, so that a run's hooks act only in its own thread or
+asyncio task. This script measures that gate in place, where it runs:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_gate.py
 

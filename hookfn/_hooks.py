@@ -398,9 +398,7 @@ class Recorder:
         if args and primary(args[0]) is tensor:
             return True
         edge = gradient_edge(tensor)
-        return any(
-            t.node is edge.node and t.output_nr == edge.output_nr for t in self.grad_targets
-        )
+        return any(t.node is edge.node and t.output_nr == edge.output_nr for t in self.grad_targets)
 
     def _site(self, kind: SiteKind, call: int) -> Site:
         sites = self.sites.get(kind)
