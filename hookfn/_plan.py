@@ -175,8 +175,9 @@ def _resolve(
             if previous is not None:
                 if previous[3] == found.explicit:
                     raise SpecError(
-                        f"layer {found.name!r} is named by two spec keys, {previous[5]!r} "
-                        f"and {key!r}; give it one entry (combine edits with >>)."
+                        f"layer {found.name!r} is named by two spec keys, "
+                        f"{_key_label(previous[5])} and {_key_label(key)}; give it one entry "
+                        "(combine edits with >>)."
                     )
                 if previous[3]:
                     continue  # an exact name wins over a glob's match
@@ -203,6 +204,11 @@ def _resolve(
         if kept is not None:
             _keep(model, keys, kept)
     return Plan(sites, around)
+
+
+def _key_label(key: object) -> str:
+    """A spec key as a message shows it: a name quoted, a module object by its class."""
+    return repr(key) if isinstance(key, str) else f"a {type(key).__name__} module object"
 
 
 class _Kept:

@@ -173,7 +173,7 @@ def run_with_hooks(
             raise
     if not stopped:
         trace._report_uncalled(stacklevel=3)
-    return output, Captures.of(trace.captures(), ((p.name, p.module) for p in trace.sites))
+    return output, trace.captures()
 
 
 def check_inputs(inputs: object) -> None:

@@ -22,6 +22,7 @@ from typing_extensions import Self
 from ._capture import Capture, make_capture
 from ._compile import CompileGuard, check_compiled
 from ._edits import EditLike
+from ._edits._cache import Captures
 from ._errors import CaptureError, EditError, HookfnError, NotCalledWarning, SpecError
 from ._gate import (
     IN_BACKWARD,
@@ -285,14 +286,16 @@ class TraceMultiple(Mapping[str, "Trace"]):
             tuple(recorder.inp.grads),
         )
 
-    def captures(self) -> dict[str, Capture]:
-        """The `Capture` of every traced layer, keyed by layer name, in model order.
+    def captures(self) -> Captures:
+        """The `Capture` of every traced layer, keyed by layer name, in model order (a
+        `dict` that notes the modules the captures came from, for `patch_from`).
 
         Each call builds them from the records as they are now: a gradient recorded by a
         backward pass after the block is in the captures taken after it.
         """
+        sites = [(p.name, p.module) for p in self.sites]
         if not self._recorders:  # never entered
-            return {name: self._capture_of(name) for name in self._by_name}
+            return Captures.of({name: self._capture_of(name) for name in self._by_name}, sites)
         result = {}
         for name, recorder in self._recorders.items():  # (`_capture_of`, inlined)
             inp = recorder.inp
@@ -303,7 +306,7 @@ class TraceMultiple(Mapping[str, "Trace"]):
                 tuple(recorder.out.grads),
                 tuple(inp.grads),
             )
-        return result
+        return Captures.of(result, sites)
 
     def __getitem__(self, name: str) -> Trace:
         view = self._views.get(name)

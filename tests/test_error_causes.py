@@ -112,3 +112,16 @@ def test_captures_keep_no_model_alive_and_survive_pytree() -> None:
     # With the source gone there is nothing to compare: the patch proceeds.
     out, _ = run_with_hooks(_mlp(hidden=6), torch.randn(2, 3), {"2": patch_from(cache)})
     assert out.shape == (2, 4)
+
+
+def test_a_trace_multiples_captures_know_their_model_too() -> None:
+    from hookfn import TraceMultiple
+
+    x = torch.randn(2, 3)
+    source = _mlp(hidden=8)
+    with TraceMultiple(source, ["2"]) as tm:
+        source(x)
+    with pytest.raises(SpecError, match="another model"):
+        run_with_hooks(_mlp(hidden=6), x, {"2": patch_from(tm.captures())})
+    with pytest.raises(CaptureError, match="closest: '2'"):
+        tm.captures()["22"]

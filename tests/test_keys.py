@@ -287,3 +287,13 @@ def test_every_name_a_wrapper_lists_resolves_to_that_module(tiny_gpt2, compiled,
         (planned,) = plan(model, [name])
         assert planned.name == name
         assert planned.module is module
+
+
+def test_a_key_given_as_a_name_and_as_a_module_is_named_briefly() -> None:
+    from hookfn import SpecError, run_with_hooks
+
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(SpecError) as info:
+        run_with_hooks(model, torch.randn(1, 2), {"0": "capture", model[0]: "capture"})
+    assert "'0' and a Linear module object" in str(info.value)
+    assert len(str(info.value)) < 200

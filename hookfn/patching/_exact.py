@@ -62,7 +62,15 @@ from ._prompts import Align
 from ._result import Mode, PatchingResult
 from ._sites import SitesLike, as_sites
 
-__all__ = ["Patch", "Reuse", "activation_patching", "assemble", "patch_hook"]
+__all__ = [
+    "Patch",
+    "Reuse",
+    "activation_patching",
+    "assemble",
+    "cell_rows",
+    "first_changed",
+    "patch_hook",
+]
 
 Reuse: TypeAlias = Literal["auto", "positions", "layers", "none"]
 """What `activation_patching` computes once instead of once per cell (``reuse=``)."""
@@ -182,7 +190,7 @@ class _Runner:
         row = 0
         for site_index, cells in _by_site(chunk):
             patch = sites[site_index]
-            mask = _rows(patch.masks[[c.part for c in cells]], n)
+            mask = cell_rows(patch.masks[[c.part for c in cells]], n)
             source = patch.source.repeat(len(cells), *[1] * (patch.source.dim() - 1))
             if start > 0:
                 mask = mask[:, start:] if mask.shape[1] > 1 else mask
@@ -261,7 +269,7 @@ class _Runner:
         return result
 
 
-def _rows(masks: Tensor, n: int) -> Tensor:
+def cell_rows(masks: Tensor, n: int) -> Tensor:
     """``[cells, pair|1, ...]`` masks as rows, ``[cells * n, ...]`` (cell-major)."""
     cells = masks.shape[0]
     return masks.expand(cells, n, *masks.shape[2:]).reshape(cells * n, *masks.shape[2:])
@@ -274,7 +282,7 @@ def _by_site(chunk: list[_Cell]) -> Iterator[tuple[int, list[_Cell]]]:
     yield from groups.items()
 
 
-def _first_changed(patch: SitePatch, seq: int | None) -> list[int | None]:
+def first_changed(patch: SitePatch, seq: int | None) -> list[int | None]:
     """Per cell of a site: the first position its patch changes (0 without a sequence axis),
     or ``None`` when it changes nothing."""
     changed = patch.source != patch.base  # [n, *rest]
@@ -472,7 +480,7 @@ def activation_patching(
     groups: dict[int, list[_Cell]] = {}
     for i, patch in enumerate(grid.sites):
         join = join_point(model, stack, patch.name, patch.kind)
-        for j, first in enumerate(_first_changed(patch, seq)):
+        for j, first in enumerate(first_changed(patch, seq)):
             if first is None or (is_causal and first > last_real):
                 continue  # the patch changes nothing the metric can see
             start = first if kv is not None and _positional(patch, seq) else 0

@@ -32,7 +32,7 @@ from ._baseline import (
     site_patches,
 )
 from ._batches import check_sizes, forward_parameters, progress_bar
-from ._exact import Patch, _first_changed, _rows, assemble
+from ._exact import Patch, assemble, cell_rows, first_changed
 from ._grid import Over, as_axes
 from ._metrics import MetricLike, Rows, as_scorer
 from ._prompts import Align
@@ -181,7 +181,7 @@ def path_patching(
     cells = [
         (i, j)
         for i, patch in enumerate(grid.sites)
-        for j, first in enumerate(_first_changed(patch, base.seq))
+        for j, first in enumerate(first_changed(patch, base.seq))
         if first is not None  # a sender part equal in both runs changes nothing downstream
     ]
     values = metrics[base_name].expand(len(grid.sites), grid.sites[0].masks.shape[0], n).clone()
@@ -232,7 +232,7 @@ def _sender_run(
         if all(j < 0 for j in mine):
             continue
         off = torch.zeros_like(patch.masks[0])
-        mask = _rows(torch.stack([patch.masks[j] if j >= 0 else off for j in mine]), n)
+        mask = cell_rows(torch.stack([patch.masks[j] if j >= 0 else off for j in mine]), n)
         source = torch.where(mask, _repeat(patch.source, copies), _repeat(patch.base, copies))
         if patch.name in held and frozen.kind == patch.kind:
             # A frozen sender: held at the base value except for this cell's part.
