@@ -35,7 +35,7 @@ unit: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 # A short benchmark run: ratios against raw torch hooks measured in the same rounds; fails
 # only on a gross regression (see benchmarks/report.py --help for the limits).
