@@ -109,16 +109,16 @@ def test_collect_vs_raw_loop(
     raw = lambda: _raw_loop(model, batches, n_rows)  # noqa: E731
     ours = lambda: _hookfn(model, batches, n_layer)  # noqa: E731
 
-    # The same rows, first.
-    for a, b in zip(raw(), ours(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
     times: dict[str, list[float]] = {"raw": [], "hookfn": []}
+    results: dict[str, list[Tensor]] = {}
     for _ in range(rounds):  # interleaved, so drifts of the machine hit both
         for name, fn in (("raw", raw), ("hookfn", ours)):
             start = time.perf_counter()
-            fn()
+            results[name] = fn()
             times[name].append(time.perf_counter() - start)
+    # The same rows.
+    for a, b in zip(results["raw"], results["hookfn"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     raw_time = statistics.median(times["raw"])
     our_time = statistics.median(times["hookfn"])
     raw_peak, _, _ = torch_cpu_memory(raw)
