@@ -52,7 +52,7 @@ from ._plan import Spec
 from ._run import run_with_hooks
 from ._site import Site, SiteKind
 from ._trace import Trace, TraceMultiple
-from .collect import CollectError, collect
+from .collection import CollectError, collect
 
 __all__ = [
     "Args",

@@ -14,7 +14,7 @@ from reference import count_calls, first, raw_hooks
 from torch import Tensor
 
 from hookfn import CollectError, Hook, HookfnError, collect, run_with_hooks
-from hookfn.collect import load
+from hookfn.collection import load
 
 SITES = ["transformer.h.0", "transformer.h.1"]
 SEQ = 7
