@@ -122,7 +122,6 @@ class Recorder:
         "grad_targets",
         "hook",
         "inp",
-        "keep_objects",
         "keys",
         "module",
         "name",
@@ -158,7 +157,6 @@ class Recorder:
             if hook.plain_copy
             else make_copier(hook.detach, hook.clone, hook.device, hook.dtype)
         )
-        self.keep_objects = not hook.clone
         # A side with no step of its own stays a shared empty one (nothing is written into
         # it): the output of a site that only captures it (`record` writes `outputs`), the
         # input of a site that never hooks its input.
@@ -333,7 +331,7 @@ class Recorder:
             elif side.kind == "output" and type(value) is Tensor:
                 records.append(self.copy(value))
             else:
-                records.append(copy_value(self.copy, value, self.keep_objects))
+                records.append(copy_value(self.copy, value, not self.hook.clone))
             if call == 0 and side.stops:
                 self.stopper.site_done()  # type: ignore[union-attr]
         return result
@@ -398,7 +396,10 @@ class Recorder:
         if args and primary(args[0]) is tensor:
             return True
         edge = gradient_edge(tensor)
-        return any(t.node is edge.node and t.output_nr == edge.output_nr for t in self.grad_targets)
+        for target in self.grad_targets:  # noqa: SIM110  (a loop: see TraceMultiple._edits)
+            if target.node is edge.node and target.output_nr == edge.output_nr:
+                return True
+        return False
 
     def _site(self, kind: SiteKind, call: int) -> Site:
         sites = self.sites.get(kind)

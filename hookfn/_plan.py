@@ -116,11 +116,10 @@ def make_plan(model: nn.Module, spec: object) -> Plan:
         keys = tuple(given)
         kept = _kept(model, keys)
         if kept is not None:
-            found = kept.get()
+            values = list(given.values()) if kind is dict else None
+            found = kept.plan(values, keys)
             if found is not None:
-                entries, around = found
-                values = list(given.values()) if kind is dict else None
-                return Plan(_with_hooks(entries, values, keys), around)
+                return found
         items = list(given.items()) if kind is dict else [(key, "capture") for key in given]
     else:
         items = _items(spec)
@@ -128,29 +127,6 @@ def make_plan(model: nn.Module, spec: object) -> Plan:
             return EMPTY
         keys = tuple(key for key, _ in items)
     return _resolve(model, items, keys)
-
-
-def _with_hooks(
-    entries: Sequence[tuple[int, str, nn.Module, int, dict[str, list[Site]]]],
-    values: list[object] | None,
-    keys: tuple[object, ...],
-) -> tuple[Planned, ...]:
-    """A kept resolution's sites, with the hooks of this run's spec values."""
-    if values is None:
-        return tuple(
-            [
-                _planned((name, module, CAPTURE, order, sites))
-                for _, name, module, order, sites in entries
-            ]
-        )
-    made: dict[int, Hook] = {}  # a glob's hook, made once for all its matches
-    planned = []
-    for position, name, module, order, sites in entries:
-        hook = made.get(position)
-        if hook is None:
-            hook = made[position] = to_hook(values[position], str(keys[position]))
-        planned.append(_planned((name, module, hook, order, sites)))
-    return tuple(planned)
 
 
 def _resolve(
@@ -264,36 +240,38 @@ class _Kept:
             checks,
         )
 
-    def get(
-        self,
-    ) -> (
-        tuple[
-            list[tuple[int, str, nn.Module, int, dict[str, list[Site]]]],
-            tuple[tuple[str, nn.Module, bool], ...],
-        ]
-        | None
-    ):
-        """The sites and the modules around them, or None where the model changed since."""
+    def plan(self, values: list[object] | None, keys: tuple[object, ...]) -> Plan | None:
+        """The plan of this run's spec values (``None``: capture every site) on the kept
+        resolution, or None where the model changed since it was made."""
         for check in self.checks:
             if not check.holds():
                 return None
-        entries = []
-        for position, name, ref, order, sites in self.entries:
+        made: dict[int, Hook] = {}  # a glob's hook, made once for all its matches
+        sites = []
+        for position, name, ref, order, kept_sites in self.entries:
             module = ref()
             if module is None:
                 return None
-            entries.append((position, name, module, order, sites))
+            if values is None:
+                hook = CAPTURE
+            else:
+                found = made.get(position)
+                hook = (
+                    found if found is not None else to_hook(values[position], str(keys[position]))
+                )
+                made[position] = hook
+            sites.append(_planned((name, module, hook, order, kept_sites)))
         if not self.parallel and not compiler_loaded():
             # What is around the sites matters only for compiled code (none can exist before
             # torch.compile is loaded) and DataParallel threads.
-            return entries, ()
+            return Plan(tuple(sites), ())
         around = []
         for label, ref, is_site in self.around:
             module = ref()
             if module is None:
                 return None
             around.append((label, module, is_site))
-        return entries, tuple(around)
+        return Plan(tuple(sites), tuple(around))
 
 
 class _Check:

@@ -137,7 +137,8 @@ def run_with_hooks(
         call = fn
     if params is not None or buffers is not None:
         fn = state_call(model, call, params, buffers)
-    check_inputs(inputs)
+    if type(inputs) is not Tensor:  # (a tensor, the common case, needs no check)
+        check_inputs(inputs)
     trace = TraceMultiple(model, spec, stop_early=stop_early, strict=strict, _eager_root=eager_root)
     if not trace.sites and backward is None:  # nothing to hook: nothing to open or close
         try:

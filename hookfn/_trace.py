@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -139,9 +140,11 @@ class TraceMultiple(Mapping[str, "Trace"]):
         strict: bool = False,
         _eager_root: nn.Module | None = None,
     ) -> None:
-        for flag, value in (("stop_early", stop_early), ("strict", strict)):
-            if not isinstance(value, bool):
-                raise SpecError(f"{flag}= takes True or False, got {value!r}.")
+        if type(stop_early) is not bool or type(strict) is not bool:
+            flag, value = (
+                ("strict", strict) if type(stop_early) is bool else ("stop_early", stop_early)
+            )
+            raise SpecError(f"{flag}= takes True or False, got {value!r}.")
         plan = make_plan(model, layers)
         self.model = model
         self.sites: tuple[Planned, ...] = plan.sites
@@ -167,6 +170,11 @@ class TraceMultiple(Mapping[str, "Trace"]):
         self._stopped = False
         self.grad_targets: list[GradientEdge] = []
         self._by_name: dict[str, Planned] = {p.name: p for p in plan.sites}
+        self._edits = False  # whether a site edits (else nothing can go uncalled)
+        for p in plan.sites:  # (a loop: a generator closed early could swallow an interrupt)
+            if p.hook.edits_output or p.hook.edits_input:
+                self._edits = True
+                break
         self._recorders: dict[str, Recorder] = {}  # of the latest run, made as it opens
         self._views: dict[str, Trace] = {}
 
@@ -252,7 +260,7 @@ class TraceMultiple(Mapping[str, "Trace"]):
 
         ``stacklevel`` points the warning at the user's code: 4 from the exit of a ``with``
         block (through `_exit` and `_PendingExit`), 3 from `run_with_hooks`."""
-        if self._stopped:
+        if self._stopped or not self._edits:
             return
         missed = [name for name, recorder in self._recorders.items() if recorder.edit_missed]
         if not missed:
@@ -293,10 +301,13 @@ class TraceMultiple(Mapping[str, "Trace"]):
         Each call builds them from the records as they are now: a gradient recorded by a
         backward pass after the block is in the captures taken after it.
         """
-        sites = [(p.name, p.module) for p in self.sites]
+        result = Captures()
+        modules = result.modules
         if not self._recorders:  # never entered
-            return Captures.of({name: self._capture_of(name) for name in self._by_name}, sites)
-        result = {}
+            for name, planned in self._by_name.items():
+                result[name] = self._capture_of(name)
+                modules[name] = weakref.ref(planned.module)
+            return result
         for name, recorder in self._recorders.items():  # (`_capture_of`, inlined)
             inp = recorder.inp
             result[name] = make_capture(
@@ -306,7 +317,8 @@ class TraceMultiple(Mapping[str, "Trace"]):
                 tuple(recorder.out.grads),
                 tuple(inp.grads),
             )
-        return Captures.of(result, sites)
+            modules[name] = weakref.ref(recorder.module)
+        return result
 
     def __getitem__(self, name: str) -> Trace:
         view = self._views.get(name)
