@@ -396,7 +396,7 @@ class Recorder:
         if args and primary(args[0]) is tensor:
             return True
         edge = gradient_edge(tensor)
-        for target in self.grad_targets:  # noqa: SIM110  (a loop: see TraceMultiple._edits)
+        for target in self.grad_targets:  # (a loop: see TraceMultiple._edits)
             if target.node is edge.node and target.output_nr == edge.output_nr:
                 return True
         return False
