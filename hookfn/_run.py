@@ -139,15 +139,11 @@ def run_with_hooks(
         fn = state_call(model, call, params, buffers)
     if type(inputs) is not Tensor:  # (a tensor, the common case, needs no check)
         check_inputs(inputs)
+    if not spec and type(spec) is dict and backward is None and isinstance(model, nn.Module):
+        return _plain_call(fn, inputs), Captures()  # nothing to hook: no run to open
     trace = TraceMultiple(model, spec, stop_early=stop_early, strict=strict, _eager_root=eager_root)
     if not trace.sites and backward is None:  # nothing to hook: nothing to open or close
-        try:
-            return (fn(inputs) if type(inputs) is Tensor else call_with(fn, inputs)), Captures()
-        except RuntimeError as error:
-            explained = transform_error(error)
-            if explained is None:
-                raise
-            raise explained from error
+        return _plain_call(fn, inputs), Captures()
     output: Any = None
     stopped = False
     try:
@@ -175,6 +171,17 @@ def run_with_hooks(
     if not stopped:
         trace._report_uncalled(stacklevel=3)
     return output, trace.captures()
+
+
+def _plain_call(fn: Callable[..., Any], inputs: object) -> Any:
+    """``fn`` called with ``inputs``, with no run open; transform errors explained."""
+    try:
+        return fn(inputs) if type(inputs) is Tensor else call_with(fn, inputs)
+    except RuntimeError as error:
+        explained = transform_error(error)
+        if explained is None:
+            raise
+        raise explained from error
 
 
 def check_inputs(inputs: object) -> None:

@@ -152,7 +152,9 @@ class TraceMultiple(Mapping[str, "Trace"]):
         self._strict = strict
         self._guard: CompileGuard | None = None
         self._parallel: ParallelContext | None = None
-        if plan.sites:  # nothing hooked: no compiled code or worker thread to mind
+        # Nothing around the sites (nothing hooked; or a kept plan, before torch.compile is
+        # loaded, with no DataParallel): no compiled code or worker thread to mind.
+        if plan.around:
             wrappers = check_compiled(model, plan.around, eager_root=_eager_root)
             self._guard = CompileGuard(wrappers) if wrappers else None
             parallels = plan.parallels
