@@ -74,7 +74,7 @@ class NotCalledWarning(HookfnWarning):
 
 
 class PartialEditWarning(HookfnWarning):
-    """An edit changed only the primary tensor of a structured output (or input) that holds
+    """An edit changed only the primary tensor of a structured output that holds
     other floating-point tensors, which the model may read instead.
 
     Examples: an MoE router returns ``(router_logits, router_scores, router_indices)`` and

@@ -307,7 +307,7 @@ class Recorder:
             return None
         if type(value) is Tensor:
             return y
-        if not self.warned:
+        if not self.warned and side is self.out:  # (a module reads all its arguments)
             self.warned = True
             _warn_if_partial(edit, site, value, x)
         return replace_primary(value, y)
