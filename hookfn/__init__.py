@@ -6,7 +6,7 @@ edits at the layers the spec names, and returns its output with a ``{layer: Capt
 
 from __future__ import annotations
 
-from ._capture import Args, Capture, Omitted, primary
+from ._capture import Args, Capture, primary
 from ._discover import LayerInfo, LayerTable, layers
 from ._edits import (
     Chain,
@@ -52,6 +52,7 @@ from ._plan import Spec
 from ._run import run_with_hooks
 from ._site import Site, SiteKind
 from ._trace import Trace, TraceMultiple
+from ._values import Omitted
 from .collection import CollectError, collect
 
 __all__ = [

@@ -30,12 +30,13 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.autograd.graph import get_gradient_edge as gradient_edge
 
-from ._capture import PLAIN_COPY, Args, copy_value, make_copier, primary, replace_primary
+from ._capture import Args, primary
 from ._edits import Edit, Function, check_result
 from ._errors import CaptureError, EditError, HookfnError, HookfnWarning, PartialEditWarning
 from ._gate import ACTIVE, HOOK_KEYS, IN_BACKWARD, Replays, Stopper, graph_task
 from ._hook import Hook
 from ._site import Site, SiteKind
+from ._values import PLAIN_COPY, copy_value, make_copier, replace_primary
 
 __all__ = ["Recorder"]
 

@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from hookfn import Args, Edit, Hook, Site, primary
-from hookfn._capture import replace_primary
+from hookfn._values import replace_primary
 
 __all__ = ["Layout", "NotExact", "Stack", "find_stack", "join_point"]
 
