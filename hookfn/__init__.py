@@ -31,6 +31,7 @@ from ._edits import (
     replace,
     resample_ablate,
     scale,
+    splice,
     steer,
     when,
 )
@@ -51,7 +52,7 @@ from ._hook import Hook, SpecValue
 from ._plan import Spec
 from ._run import run_with_hooks
 from ._site import Site, SiteKind
-from ._trace import Trace, TraceMultiple
+from ._trace import Trace, TraceMultiple, spliced
 from ._values import Omitted
 from .collection import CollectError, collect
 
@@ -106,6 +107,8 @@ __all__ = [
     "resample_ablate",
     "run_with_hooks",
     "scale",
+    "splice",
+    "spliced",
     "steer",
     "when",
 ]

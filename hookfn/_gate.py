@@ -8,14 +8,18 @@ the hook path (`hookfn._hooks`) comes after this test.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 import threading
+from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 __all__ = [
     "ACTIVE",
+    "GRAFTS",
     "HOOK_KEYS",
     "IN_BACKWARD",
     "REGISTRY",
@@ -23,9 +27,11 @@ __all__ = [
     "StopForward",
     "Stopper",
     "activate",
+    "active_grafts",
     "deactivate",
     "graph_task",
     "replaying",
+    "suspended",
 ]
 
 # The run tokens whose hooks may act in the current context. Hooks of a run fire only where
@@ -47,6 +53,19 @@ REGISTRY = threading.RLock()
 IN_BACKWARD: dict[object, set[int]] = {}
 
 graph_task = torch._C._current_graph_task_id
+
+# Modules spliced into a model (`hookfn.splice`) by the runs open now, by run token: each a
+# ``(host, name, module)`` triple, whose parts are sites named ``host_name.name.part`` for
+# the runs that resolve their keys where that run is active (its own, and nested ones).
+GRAFTS: dict[object, tuple[tuple[nn.Module, str, nn.Module], ...]] = {}
+
+
+def active_grafts() -> list[tuple[nn.Module, str, nn.Module]]:
+    """The grafts of the runs active in this context (none where no run splices)."""
+    if not GRAFTS:
+        return []
+    return [graft for token in ACTIVE.get() for graft in GRAFTS.get(token, ())]
+
 
 # hookfn inserts its hooks into a module's hook dictionaries directly, under keys of its
 # own: negative numbers, which PyTorch's handles (counting up from 0) never draw, so no
@@ -82,6 +101,17 @@ def deactivate(token: object, reset: contextvars.Token[frozenset[object]] | None
             except (ValueError, RuntimeError):
                 pass  # exited in another context than it was entered in
     ACTIVE.set(current - {token})
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """No run's hooks act inside the block (in this context): for a computation a hook
+    makes that the run must not see, such as a splice's reconstruction of unedited latents."""
+    reset = ACTIVE.set(frozenset())
+    try:
+        yield
+    finally:
+        ACTIVE.reset(reset)
 
 
 def replaying(token: object, base: int) -> bool | None:

@@ -191,7 +191,11 @@ class Recorder:
         if hook.after_input:
             self._insert(module._forward_pre_hooks, self.after_input, head=False, kwargs=True)
         if hook.edits_output:
-            self._insert(module._forward_hooks, self.edit_output, head=True)
+            if hook.edit.reads_input:  # type: ignore[union-attr]
+                self._insert(module._forward_hooks, self.edit_output_of_input, head=True)
+                module._forward_hooks_with_kwargs[self.keys[-1]] = True
+            else:
+                self._insert(module._forward_hooks, self.edit_output, head=True)
         if hook.captures_only and hook.plain_copy:  # the most common site: `_insert`, inlined
             key = next(HOOK_KEYS)
             self.keys.append(key)
@@ -222,6 +226,8 @@ class Recorder:
             if module._forward_hooks.pop(key, None) is None:
                 module._forward_pre_hooks.pop(key, None)
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
+            else:
+                module._forward_hooks_with_kwargs.pop(key, None)
             if key in _HEADS:
                 _HEADS.discard(key)
             keys.pop()
@@ -253,6 +259,20 @@ class Recorder:
             return self._edit(self.out, output, True)
         return None
 
+    def edit_output_of_input(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        """The edit step of an edit that reads the module's input too (a transcoder)."""
+        token = self.token
+        if token in ACTIVE.get():
+            replay = graph_task() != self.base
+        elif token in IN_BACKWARD and _in_backward(token):
+            replay = True
+        else:
+            return None
+        source = primary(Args._of(args, kwargs))
+        if source is None:
+            raise _no_primary(self.name, "input", args)
+        return self._edit(self.out, output, replay, source)
+
     def after_output(self, module: nn.Module, args: Any, output: Any) -> Any:
         return self._after(self.out, output, args)
 
@@ -275,10 +295,10 @@ class Recorder:
 
     # -- the two steps ---------------------------------------------------------------
 
-    def _edit(self, side: _Side, value: Any, replay: bool) -> Any:
+    def _edit(self, side: _Side, value: Any, replay: bool, source: Tensor | None = None) -> Any:
         """The edit, past the gate (``replay``: a re-run by activation checkpointing during
         a backward pass, see `hookfn._gate.replaying`): the new value, or None for
-        unchanged."""
+        unchanged. ``source``: the module's input, for an edit that reads it."""
         if not replay:
             call = side.edit_calls
             side.edit_calls = call + 1
@@ -299,7 +319,7 @@ class Recorder:
         if x is None:
             raise _no_primary(self.name, side.kind, value)
         try:
-            y = edit(x, site)
+            y = edit(x, site) if source is None else edit.from_input(source, x, site)
             if not edit.result_checked:
                 y = check_result(x, y)
         except HookfnError as error:

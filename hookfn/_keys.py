@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
@@ -75,12 +75,20 @@ class Names:
 
     Made afresh for each spec that is resolved (never kept between runs): a kept index of a
     model's submodules would keep them, and through a reference back, the model, alive.
+
+    ``grafts`` are modules spliced into the model for a run (see `hookfn.splice`), each a
+    ``(host, name, module)`` triple: ``module`` and its submodules are named
+    ``host_name.name...`` and come right after the host's own submodules.
     """
 
-    __slots__ = ("_by_id", "_modules", "_names", "root")
+    __slots__ = ("_by_id", "_grafted", "_grafts", "_modules", "_names", "root")
 
-    def __init__(self, root: nn.Module) -> None:
+    def __init__(
+        self, root: nn.Module, grafts: Sequence[tuple[nn.Module, str, nn.Module]] = ()
+    ) -> None:
         self.root = root
+        self._grafts = grafts
+        self._grafted: dict[str, nn.Module] = {}
         self._names: list[str] | None = None
         self._modules: dict[str, nn.Module] = {}
         self._by_id: dict[int, tuple[int, str]] = {}
@@ -88,12 +96,32 @@ class Names:
     def _read(self) -> list[str]:
         names = self._names
         if names is None:
+            pairs = list(self.root.named_modules())
+            for host, name, module in self._grafts:
+                where = next((i for i, (_, m) in enumerate(pairs) if m is host), None)
+                if where is None:
+                    continue  # spliced into another model
+                base = pairs[where][0]
+                end = where + 1
+                while end < len(pairs) and pairs[end][0].startswith(base + "." if base else ""):
+                    end += 1
+                top = f"{base}.{name}" if base else name
+                grafted = [(f"{top}.{sub}" if sub else top, m) for sub, m in module.named_modules()]
+                self._grafted.update(grafted)
+                pairs[end:end] = grafted
             names = self._names = []
-            for name, module in self.root.named_modules():
-                self._by_id[id(module)] = (len(names), name)
+            for name, module in pairs:
+                self._by_id.setdefault(id(module), (len(names), name))
                 self._modules[name] = module
                 names.append(name)
         return names
+
+    def grafted(self, name: str) -> nn.Module | None:
+        """The spliced module named ``name``, or None."""
+        if not self._grafts:
+            return None
+        self._read()
+        return self._grafted.get(name)
 
     @property
     def names(self) -> list[str]:
@@ -372,6 +400,8 @@ def resolve_key(model: nn.Module, names: Names, prefix: str, key: object) -> Ite
     user_prefix, inner_key = strip_prefix(key, prefix)
     if not is_glob(inner_key):
         module = submodule(inner, inner_key)
+        if module is None:
+            module = names.grafted(inner_key)
         if module is not None:
             yield Resolved(user_prefix + inner_key, module, names.order(module), True)
             return

@@ -24,7 +24,9 @@ from torch import nn
 from typing_extensions import TypeAlias
 
 from ._compile import compiler_loaded, enclosing
+from ._edits import Splice
 from ._errors import SpecError
+from ._gate import active_grafts
 from ._hook import CAPTURE, Hook, SpecValue, to_hook
 from ._keys import Names, is_glob, path_to, resolve_key, unwrap
 from ._site import Site
@@ -59,10 +61,13 @@ class Plan(NamedTuple):
 
     ``around`` lists ``(label, module, is_site)`` for the modules a call of the model passes
     through on its way to the sites, outermost first (see `hookfn._compile.enclosing`).
+    ``grafts`` are the modules the spec splices in (`hookfn.splice`), as ``(host, name,
+    module)``: their parts are sites of this run and of the runs nested in it.
     """
 
     sites: tuple[Planned, ...]
     around: tuple[tuple[str, nn.Module, bool], ...]
+    grafts: tuple[tuple[nn.Module, str, nn.Module], ...] = ()
 
     @property
     def parallels(self) -> list[nn.Module]:
@@ -114,7 +119,7 @@ def make_plan(model: nn.Module, spec: object) -> Plan:
         if not given:
             return EMPTY
         keys = tuple(given)
-        kept = _kept(model, keys)
+        kept = None if active_grafts() else _kept(model, keys)
         if kept is not None:
             values = list(given.values()) if kind is dict else None
             found = kept.plan(values, keys)
@@ -133,15 +138,19 @@ def _resolve(
     model: nn.Module, items: list[tuple[object, object]], keys: tuple[object, ...]
 ) -> Plan:
     inner, prefix = unwrap(model)
-    names = Names(inner)
+    hooks = [
+        to_hook(value, key if isinstance(key, str) else type(key).__name__) for key, value in items
+    ]
+    own = _grafts(model, inner, prefix, items, hooks)
+    active = [graft for graft in active_grafts() if all(graft[2] is not g[2] for g in own)]
+    names = Names(inner, own + active)
     # id(module) -> (name, module, order, explicit, hook, key, position of the key)
     chosen: dict[int, tuple[str, nn.Module, int, bool, Hook, object, int]] = {}
     # Kept only when every key is a name or a glob of an unwrapped model (a module object
-    # as a key would be held by the kept entry).
-    keep = not prefix
+    # as a key would be held by the kept entry), and nothing is spliced in.
+    keep = not prefix and not own and not active
     globbed = False
-    for position, (key, value) in enumerate(items):
-        hook = to_hook(value, key if isinstance(key, str) else type(key).__name__)
+    for position, ((key, _), hook) in enumerate(zip(items, hooks, strict=True)):
         if type(key) is not str or not key:
             keep = False
         elif is_glob(key):
@@ -179,7 +188,44 @@ def _resolve(
         kept = _Kept.make(inner, entries, around, globbed)
         if kept is not None:
             _keep(model, keys, kept)
-    return Plan(sites, around)
+    return Plan(sites, around, tuple(own))
+
+
+def _grafts(
+    model: nn.Module,
+    inner: nn.Module,
+    prefix: str,
+    items: list[tuple[object, object]],
+    hooks: list[Hook],
+) -> list[tuple[nn.Module, str, nn.Module]]:
+    """The modules this spec splices in, as ``(host, name, module)`` (see `Names`)."""
+    grafts: list[tuple[nn.Module, str, nn.Module]] = []
+    for (key, _), hook in zip(items, hooks, strict=True):
+        edit = hook.edit
+        if not isinstance(edit, Splice):
+            continue
+        found = list(resolve_key(model, Names(inner), prefix, key))
+        if len(found) != 1:
+            raise SpecError(
+                f"{edit!r} at {_key_label(key)}: a splice goes at one layer, and this key "
+                f"names {len(found)}; splice a module of its own at each (one per key)."
+            )
+        host, name = found[0].module, edit.name
+        if hasattr(host, name):
+            raise SpecError(
+                f"{edit!r} at {found[0].name!r}: the layer already has an attribute "
+                f"{name!r}, so the spliced module's parts cannot be named "
+                f"'{found[0].name}.{name}...'; pass splice(..., name='another_name')."
+            )
+        for *_, other in grafts:
+            if other is edit.spliced:
+                raise SpecError(
+                    f"{edit!r} is spliced at two layers of one run; make one splice(...) "
+                    "per layer (each holds the sites of its own parts)."
+                )
+        edit.check_host(host, found[0].name)
+        grafts.append((host, name, edit.spliced))
+    return grafts
 
 
 def _key_label(key: object) -> str:

@@ -22,10 +22,11 @@ from typing_extensions import Self
 
 from ._capture import Capture, make_capture
 from ._compile import CompileGuard, check_compiled
-from ._edits import EditLike
+from ._edits import EditLike, Splice, splice
 from ._edits._cache import Captures
 from ._errors import CaptureError, EditError, HookfnError, NotCalledWarning, SpecError
 from ._gate import (
+    GRAFTS,
     IN_BACKWARD,
     REGISTRY,
     StopForward,
@@ -39,7 +40,7 @@ from ._hooks import Recorder
 from ._parallel import ParallelContext
 from ._plan import Planned, Spec, make_plan
 
-__all__ = ["Trace", "TraceMultiple"]
+__all__ = ["Trace", "TraceMultiple", "spliced"]
 
 
 class _PendingExit:
@@ -148,6 +149,7 @@ class TraceMultiple(Mapping[str, "Trace"]):
         plan = make_plan(model, layers)
         self.model = model
         self.sites: tuple[Planned, ...] = plan.sites
+        self._grafts = plan.grafts
         self._stop_early = stop_early
         self._strict = strict
         self._guard: CompileGuard | None = None
@@ -216,6 +218,8 @@ class TraceMultiple(Mapping[str, "Trace"]):
                     self._parallel.attach()
                 if self._guard is not None:
                     self._guard.attach(token)
+                if self._grafts:
+                    GRAFTS[token] = self._grafts
             self._reset = activate(token)
         except BaseException:
             self._close()  # also after a KeyboardInterrupt: nothing stays registered
@@ -233,6 +237,7 @@ class TraceMultiple(Mapping[str, "Trace"]):
                 self._guard.detach()
             if self._parallel is not None:
                 self._parallel.detach()
+            GRAFTS.pop(token, None)
         IN_BACKWARD.pop(token, None)  # (if an interrupt cut a `backward=` pass short)
         reset, self._reset = self._reset, None
         deactivate(token, reset)
@@ -486,3 +491,45 @@ class Trace(TraceMultiple):
     def __repr__(self) -> str:
         state = "active" if self._source._token is not None else "closed"
         return f"Trace({self._name!r}, {self.hook!r}, {state})"
+
+
+def spliced(model: nn.Module, splices: Mapping[Any, Splice | nn.Module]) -> TraceMultiple:
+    """A ``with`` block inside which ``model`` runs with modules spliced in (see `splice`).
+
+    Every forward of ``model`` inside the block uses the splices, and every hookfn run inside
+    it (`run_with_hooks`, `TraceMultiple`, `hookfn.patching`, `hookfn.collect`) can name
+    their parts: ``"transformer.h.1.sae.latents"``. Nothing is captured at the layers
+    themselves. The block is call-scoped like any run: other threads and tasks see the model
+    as it is.
+
+    Args:
+        model: The model.
+        splices: Layer keys to a `splice` edit, or to a module (spliced with the defaults).
+
+    Examples:
+        >>> import torch
+        >>> from hookfn import run_with_hooks, spliced, ablate
+        >>> from hookfn.sae import SparseAutoencoder
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(3, 4)
+        >>> with spliced(model, {"0": SparseAutoencoder(8, 32)}):
+        ...     out, caches = run_with_hooks(model, x, {"0.sae.latents": ablate([0, 1])})
+        >>> list(caches)
+        ['0.sae.latents']
+    """
+    if not isinstance(splices, Mapping):
+        raise SpecError(
+            f"spliced(model, splices): splices maps layer keys to splice(...) edits or "
+            f"modules, got {type(splices).__name__}."
+        )
+    spec: dict[Any, Hook] = {}
+    for key, value in splices.items():
+        if isinstance(value, nn.Module):
+            value = splice(value)
+        if not isinstance(value, Splice):
+            raise SpecError(
+                f"spliced(): splices[{key!r}] is a {type(value).__name__}; give a "
+                "splice(module, ...) edit or a module."
+            )
+        spec[key] = Hook(value, output=False)
+    return TraceMultiple(model, spec)

@@ -14,7 +14,8 @@ The modules, in the order they build on each other: `_base` (the protocol, plain
 callables, composition and value semantics), `_arguments` (checks when an edit is built),
 `_result` (`check_result`), `_parts` (the part an edit sees), `_checks` (checks when it
 runs), `_index` (index forms), `_elementwise`, `_cache`, `_ablations`, `_directions`,
-`_restrict` (`at`, `heads`), `_steps` (`on_prompt`, `from_step`, ...: edits on chosen calls).
+`_restrict` (`at`, `heads`), `_splice` (`splice`: a module in place of an activation),
+`_steps` (`on_prompt`, `from_step`, ...: edits on chosen calls).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ._directions import ProjectOut, Steer, project_out, steer
 from ._elementwise import Add, Clamp, Replace, Scale, add, clamp, replace, scale
 from ._restrict import At, Heads, at, heads
 from ._result import check_result
+from ._splice import Splice, Spliced, SpliceFromInput, splice
 from ._steps import OnCalls, When, from_step, on_calls, on_generated, on_prompt, when
 
 __all__ = [
@@ -47,6 +49,9 @@ __all__ = [
     "Replace",
     "ResampleAblate",
     "Scale",
+    "Splice",
+    "SpliceFromInput",
+    "Spliced",
     "Steer",
     "When",
     "ablate",
@@ -68,6 +73,7 @@ __all__ = [
     "replace",
     "resample_ablate",
     "scale",
+    "splice",
     "steer",
     "when",
 ]

@@ -46,6 +46,9 @@ class Edit:
     # True where the edit's result is always a tensor of x's shape, dtype and device: the
     # hook path then skips `check_result` (every other edit's result is checked).
     result_checked: ClassVar[bool] = False
+    # True for an edit of a module's output that reads its input too (a transcoder splice):
+    # the hook path then calls ``edit.from_input(input, x, site)`` instead.
+    reads_input: ClassVar[bool] = False
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
         raise NotImplementedError
