@@ -27,6 +27,7 @@ GOAL_LAYER_RATIO = 1.1  # per hooked layer, hookfn / raw torch hooks (capture)
 GOAL_EDIT_RATIO = 1.3  # per edited layer (add on every block), hookfn / raw torch hooks
 GOAL_FIXED_US = 5.0  # fixed per-call cost of run_with_hooks
 GOAL_SMALL_CAPTURE = 0.005  # capture of all 12 blocks of GPT-2-small, relative to the forward
+GOAL_SPLICE_RATIO = 1.2  # a spliced SAE's cost, hookfn / a raw hook doing the same
 
 # The gate: only gross regressions fail it. Each gated case's limit is an option of main().
 GATE_CASES = {"capture_blocks": "max_layer_ratio", "edit_blocks": "max_edit_ratio"}
@@ -628,6 +629,34 @@ def gate(report: Report, items: list[Overhead], args: argparse.Namespace) -> Non
                 )
 
 
+def splice_section(report: Report, rows: list[Row]) -> None:
+    cases = [row for row in rows if row.suite == "splice"]
+    if not cases:
+        return
+    report.add(
+        "### Splicing an SAE",
+        "",
+        "An SAE (16x latents, error term, latents captured) spliced at one block with "
+        "`splice`, against a raw forward hook that encodes, copies the latents, decodes and "
+        "adds the error. Each cost is the median over rounds (bare, raw, splice in turn) of "
+        f"its time minus the bare forward's. Goal: <= {GOAL_SPLICE_RATIO}x.",
+        "",
+    )
+    report.table(
+        ["case", "bare forward", "raw hook", "splice", "splice / raw"],
+        (
+            [
+                row.info["splice_case"],
+                _fmt_time(row.info["bare_s"]),
+                "+" + _fmt_time(row.info["raw_cost_s"]),
+                "+" + _fmt_time(row.info["splice_cost_s"]),
+                _x(row.info["splice_ratio"]),
+            ]
+            for row in cases
+        ),
+    )
+
+
 def machine_section(report: Report, data: dict[str, Any], stat: str) -> None:
     info = data.get("machine_info", {})
     ours = info.get("hookfn_bench", {})
@@ -658,6 +687,7 @@ def build(path: str, args: argparse.Namespace) -> Report:
     sweep_section(report, rows)
     memory_section(report, rows)
     patching_section(report, rows)
+    splice_section(report, rows)
     machine_section(report, data, args.stat)
     gate(report, items, args)
     return report

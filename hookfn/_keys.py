@@ -81,13 +81,14 @@ class Names:
     ``host_name.name...`` and come right after the host's own submodules.
     """
 
-    __slots__ = ("_by_id", "_grafted", "_grafts", "_modules", "_names", "root")
+    __slots__ = ("_by_id", "_grafted", "_grafts", "_modules", "_names", "_pairs", "root")
 
     def __init__(
         self, root: nn.Module, grafts: Sequence[tuple[nn.Module, str, nn.Module]] = ()
     ) -> None:
         self.root = root
         self._grafts = grafts
+        self._pairs: list[tuple[str, nn.Module]] | None = None  # the model's own modules
         self._grafted: dict[str, nn.Module] = {}
         self._names: list[str] | None = None
         self._modules: dict[str, nn.Module] = {}
@@ -96,7 +97,8 @@ class Names:
     def _read(self) -> list[str]:
         names = self._names
         if names is None:
-            pairs = list(self.root.named_modules())
+            pairs = list(self.root.named_modules() if self._pairs is None else self._pairs)
+            self._pairs = pairs[:]
             for host, name, module in self._grafts:
                 where = next((i for i, (_, m) in enumerate(pairs) if m is host), None)
                 if where is None:
@@ -114,6 +116,15 @@ class Names:
                 self._by_id.setdefault(id(module), (len(names), name))
                 self._modules[name] = module
                 names.append(name)
+        return names
+
+    def with_grafts(self, grafts: Sequence[tuple[nn.Module, str, nn.Module]]) -> Names:
+        """These names with ``grafts`` added (the model's modules are not read again)."""
+        if not grafts:
+            return self
+        names = Names(self.root, grafts)
+        self._read()
+        names._pairs = self._pairs
         return names
 
     def grafted(self, name: str) -> nn.Module | None:

@@ -24,7 +24,7 @@ from torch import nn
 from typing_extensions import TypeAlias
 
 from ._compile import compiler_loaded, enclosing
-from ._edits import Splice
+from ._edits import Splice, SpliceFromInput
 from ._errors import SpecError
 from ._gate import active_grafts
 from ._hook import CAPTURE, Hook, SpecValue, to_hook
@@ -119,7 +119,8 @@ def make_plan(model: nn.Module, spec: object) -> Plan:
         if not given:
             return EMPTY
         keys = tuple(given)
-        kept = None if active_grafts() else _kept(model, keys)
+        grafts = active_grafts()
+        kept = _kept(model, keys) if not grafts or _apart(keys, grafts) else None
         if kept is not None:
             values = list(given.values()) if kind is dict else None
             found = kept.plan(values, keys)
@@ -141,14 +142,15 @@ def _resolve(
     hooks = [
         to_hook(value, key if isinstance(key, str) else type(key).__name__) for key, value in items
     ]
-    own = _grafts(model, inner, prefix, items, hooks)
+    plain = Names(inner)
+    own = _grafts(model, plain, prefix, items, hooks)
     active = [graft for graft in active_grafts() if all(graft[2] is not g[2] for g in own)]
-    names = Names(inner, own + active)
+    names = plain.with_grafts(own + active)
     # id(module) -> (name, module, order, explicit, hook, key, position of the key)
     chosen: dict[int, tuple[str, nn.Module, int, bool, Hook, object, int]] = {}
     # Kept only when every key is a name or a glob of an unwrapped model (a module object
     # as a key would be held by the kept entry), and nothing is spliced in.
-    keep = not prefix and not own and not active
+    keep = not prefix and not own and (not active or _apart(keys, active))
     globbed = False
     for position, ((key, _), hook) in enumerate(zip(items, hooks, strict=True)):
         if type(key) is not str or not key:
@@ -191,9 +193,24 @@ def _resolve(
     return Plan(sites, around, tuple(own))
 
 
+_SPLICES = (Splice, SpliceFromInput)
+
+
+def _apart(keys: tuple[object, ...], grafts: list[tuple[nn.Module, str, nn.Module]]) -> bool:
+    """Whether ``keys`` surely name no part of ``grafts``: exact names without a splice's
+    name as a segment (a kept resolution of them holds where modules are spliced in)."""
+    for key in keys:
+        if type(key) is not str or is_glob(key):
+            return False
+        segments = key.split(".")
+        if any(name in segments for _, name, _ in grafts):
+            return False
+    return True
+
+
 def _grafts(
     model: nn.Module,
-    inner: nn.Module,
+    names: Names,
     prefix: str,
     items: list[tuple[object, object]],
     hooks: list[Hook],
@@ -204,7 +221,7 @@ def _grafts(
         edit = hook.edit
         if not isinstance(edit, Splice):
             continue
-        found = list(resolve_key(model, Names(inner), prefix, key))
+        found = list(resolve_key(model, names, prefix, key))
         if len(found) != 1:
             raise SpecError(
                 f"{edit!r} at {_key_label(key)}: a splice goes at one layer, and this key "
@@ -305,6 +322,8 @@ class _Kept:
                 hook = (
                     found if found is not None else to_hook(values[position], str(keys[position]))
                 )
+                if type(hook.edit) in _SPLICES:
+                    return None  # its parts are named in this run: resolved with them
                 made[position] = hook
             sites.append(_planned((name, module, hook, order, kept_sites)))
         if not self.parallel and not compiler_loaded():

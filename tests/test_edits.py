@@ -766,6 +766,37 @@ def test_gpt2_patch_from_a_cache_of_another_shape_is_an_edit_error(
     assert hook_snapshot(tiny_gpt2) == before
 
 
+@pytest.mark.parametrize(
+    ("index", "source_index"),
+    [((slice(None), 2), (slice(None), 2)), ((slice(None), -1), (slice(None), -1))],
+    ids=["position-2", "last-position"],
+)
+def test_gpt2_patch_from_a_prompt_of_another_length_at_a_shared_position(
+    tiny_gpt2: nn.Module, hook_snapshot: Any, index: Any, source_index: Any
+) -> None:
+    before = hook_snapshot(tiny_gpt2)
+    generator = torch.Generator().manual_seed(4)
+    short = torch.randint(0, 100, (2, 4), generator=generator)
+    long = torch.randint(0, 100, (2, 7), generator=generator)
+    layer = "transformer.h.0"
+    with torch.no_grad():
+        _, cache = run_with_hooks(tiny_gpt2, short, [layer])
+        out, _ = run_with_hooks(tiny_gpt2, long, {layer: patch_from(cache).at(index)})
+        source = cache[layer].output
+
+        def by_hand(h: Tensor) -> Tensor:
+            h = h.clone()
+            h[index] = source[source_index]
+            return h
+
+        with raw_hooks(tiny_gpt2, {layer: by_hand}):
+            expected = tiny_gpt2(long).logits
+    torch.testing.assert_close(out.logits, expected)
+    with torch.no_grad(), pytest.raises(EditError, match="positions both runs have"):
+        run_with_hooks(tiny_gpt2, long, {layer: patch_from(cache).at((slice(None), slice(2, 6)))})
+    assert hook_snapshot(tiny_gpt2) == before
+
+
 class Twice(nn.Module):
     """Calls one layer twice: its hook sees call 0, then call 1."""
 

@@ -648,3 +648,20 @@ def test_splice_in_a_trace_multiple_and_at(model: nn.Module, ids: Tensor) -> Non
         out, _ = run_with_hooks(model, ids, {SITE: at((slice(None), slice(3, None)), splice(sae))})
     torch.testing.assert_close(out.logits, expected.logits)
     assert hookfn.splice is splice
+
+
+def test_kept_resolutions_and_splices(model: nn.Module, ids: Tensor) -> None:
+    sae = make_sae()
+    glob = "transformer.h.0.**"
+    with torch.no_grad():
+        _, outside = run_with_hooks(model, ids, [glob])  # resolved, and kept
+        with spliced(model, {SITE: sae}):
+            _, inside = run_with_hooks(model, ids, [glob])
+            _, plain = run_with_hooks(model, ids, ["transformer.h.1"])
+            _, again = run_with_hooks(model, ids, ["transformer.h.1"])
+        _, after = run_with_hooks(model, ids, [glob])
+    grafted = {f"{SITE}.sae.latents", f"{SITE}.sae.reconstruction", f"{SITE}.sae.error"}
+    assert grafted <= set(inside)
+    assert not grafted & set(outside)
+    assert not grafted & set(after)
+    torch.testing.assert_close(plain["transformer.h.1"].output, again["transformer.h.1"].output)

@@ -172,21 +172,37 @@ class PatchFrom(ValueEdit):
                 "another model (or another layer). Patch from a cache this model recorded: "
                 "run_with_hooks(model, clean_inputs, [...])."
             )
-        if source.shape != whole:
+        # The part the edit is given (inside `at`/`heads`), then a copy of it alone: the model
+        # may change the patched tensor in place, never the cache. Runs of other shapes (prompts
+        # of other lengths) patch the part both have: ``.at((slice(None), 2))``, ``.at(-1)``.
+        part = (
+            through_views(site, source) if source.shape == whole else _shared_part(site, x, source)
+        )
+        if part is None:
             raise EditError(
                 f"the cached activation has shape {tuple(source.shape)}, but this run's has "
                 f"shape {tuple(whole)}; patch from a run on inputs of the same shape (same "
-                "batch size and sequence length)."
+                "batch size and sequence length), or restrict the patch to positions both "
+                "runs have: patch_from(cache).at((slice(None), position))."
             )
-        # The part the edit is given (inside `at`/`heads`), then a copy of it alone: the model
-        # may change the patched tensor in place, never the cache.
-        part = through_views(site, source)
         if part.dtype is x.dtype and part.device == x.device:
             return part.clone()
         return like_x(part, x, "cached activation")  # converted: a copy
 
     def __repr__(self) -> str:
         return call_repr("patch_from", (self.cache,))
+
+
+def _shared_part(site: Site, x: Tensor, source: Tensor) -> Tensor | None:
+    """The part of a cached activation of another shape that the edit's index takes, where
+    it fits the part of this run's the edit was given; None where there is none."""
+    if not getattr(site, "_views", ()):
+        return None
+    try:
+        part = through_views(site, source)
+    except (IndexError, RuntimeError, ValueError):
+        return None
+    return part if part.shape == x.shape else None
 
 
 def patch_from(cache: Cache) -> PatchFrom:
