@@ -74,4 +74,4 @@ wheel: $(STAMP)
 	cd $(WHEEL_DIR) && venv/bin/python -m hookfn.demo > demo.log
 	cd $(WHEEL_DIR) && venv/bin/python -c "from importlib.metadata import metadata; \
 		extras = set(metadata('hookfn').get_all('Provides-Extra')); \
-		assert {'progress', 'plots', 'test', 'docs', 'dev'} <= extras, extras; print('extras', sorted(extras))"
+		assert {'progress', 'plots', 'sae', 'test', 'docs', 'dev'} <= extras, extras; print('extras', sorted(extras))"

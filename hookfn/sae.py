@@ -6,7 +6,7 @@ d_in]``, ``b_dec [d_in]`` (and ``threshold [d_sae]`` for JumpReLU), and computes
     pre = (x - b_dec) @ W_enc + b_enc      # (x @ W_enc + b_enc without apply_b_dec_to_input)
     relu:     z = relu(pre)
     topk:     z = relu(pre) on the k largest entries of pre, 0 elsewhere
-    jumprelu: z = pre * (pre > threshold)
+    jumprelu: z = relu(pre) * (pre > threshold)
     decode(z) = z @ W_dec + b_dec
 
 `load` reads SAELens's saved layout (a folder with ``cfg.json`` and
@@ -104,7 +104,7 @@ class SparseAutoencoder(nn.Module):
         if self.activation == "relu":
             return torch.relu(pre)
         if self.activation == "jumprelu":
-            return pre * (pre > self.threshold)
+            return torch.relu(pre) * (pre > self.threshold)
         top = pre.topk(self.k, dim=-1)  # type: ignore[arg-type]
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
@@ -202,6 +202,21 @@ def load(path: str | Path, *, device: torch.device | str | None = None) -> Spars
         raise SpecError(
             f"load({str(path)!r}): architecture {architecture!r} is not one of "
             f"{sorted(_ARCHITECTURES)}."
+        )
+    unsupported = {
+        key: cfg[key]
+        for key, plain in (
+            ("normalize_activations", "none"),
+            ("reshape_activations", "none"),
+            ("rescale_acts_by_decoder_norm", False),
+        )
+        if cfg.get(key, plain) != plain
+    }
+    if unsupported:
+        raise SpecError(
+            f"load({str(path)!r}): {unsupported} is not supported by SparseAutoencoder; "
+            "splice the SAELens SAE object itself (splice(sae) takes any module with encode "
+            "and decode)."
         )
     k = cfg.get("k")
     sae = SparseAutoencoder(

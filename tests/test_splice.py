@@ -5,6 +5,7 @@ SAE's formulas by hand, plain autograd, a one-run-per-cell loop."""
 from __future__ import annotations
 
 import copy
+import pathlib
 import pickle
 import threading
 import warnings
@@ -56,7 +57,7 @@ def make_sae(activation: str = "relu", seed: int = 0, **kwargs: object) -> Spars
             if p.dim() == 1:
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator))
         if activation == "jumprelu":
-            sae.threshold.abs_()
+            sae.threshold.sub_(0.05)  # some thresholds below zero: relu still applies
     return sae
 
 
@@ -66,7 +67,7 @@ def encode_by_hand(sae: SparseAutoencoder, x: Tensor) -> Tensor:
     if sae.activation == "relu":
         return pre.clamp(min=0)
     if sae.activation == "jumprelu":
-        return torch.where(pre > sae.threshold, pre, torch.zeros_like(pre))
+        return torch.where(pre > sae.threshold, pre.clamp(min=0), torch.zeros_like(pre))
     kept = torch.zeros_like(pre)
     values, indices = pre.sort(dim=-1, descending=True)
     k = sae.k
@@ -119,6 +120,77 @@ def test_load_reads_a_torch_tensor_file_safely(tmp_path: object) -> None:
         load(folder / "module.pt")
     with pytest.raises(SpecError, match="no such"):
         load(folder / "missing.pt")
+
+
+DATA = pathlib.Path(__file__).parent / "data" / "saelens"
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_load_reads_saelens_saved_folders_and_computes_what_saelens_did(
+    architecture: str,
+) -> None:
+    # Folders written by SAELens 6.54's `save_model`, with its own encode/decode of a random
+    # input beside them (tests/data/saelens/README.md says how they were made).
+    from safetensors.torch import load_file
+
+    sae = load(DATA / architecture)
+    expected = load_file(str(DATA / architecture / "expected.safetensors"))
+    torch.testing.assert_close(sae.encode(expected["x"]), expected["latents"])
+    torch.testing.assert_close(sae.decode(expected["latents"]), expected["reconstruction"])
+    assert sae.activation == {"standard": "relu"}.get(architecture, architecture)
+
+
+def test_load_refuses_saelens_options_it_does_not_compute(tmp_path: pathlib.Path) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "sae"
+    shutil.copytree(DATA / "standard", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["normalize_activations"] = "layer_norm"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SpecError, match="normalize_activations"):
+        load(folder)
+
+
+class HookPoint(nn.Identity):
+    """What SAELens's SAEs call their hook points: identity modules."""
+
+
+class SAELensStyle(nn.Module):
+    """An SAE shaped like SAELens's: parameters, hook points as submodules, encode/decode."""
+
+    def __init__(self, sae: SparseAutoencoder) -> None:
+        super().__init__()
+        self.W_enc, self.b_enc, self.W_dec, self.b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+        self.hook_sae_input = HookPoint()
+        self.hook_sae_acts_pre = HookPoint()
+        self.hook_sae_acts_post = HookPoint()
+        self.hook_sae_recons = HookPoint()
+
+    def encode(self, x: Tensor) -> Tensor:
+        x = self.hook_sae_input(x - self.b_dec)
+        return self.hook_sae_acts_post(
+            torch.relu(self.hook_sae_acts_pre(x @ self.W_enc + self.b_enc))
+        )
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.hook_sae_recons(z @ self.W_dec + self.b_dec)
+
+
+def test_an_saelens_style_sae_object_splices_with_its_hook_points_as_sites(
+    model: nn.Module, ids: Tensor
+) -> None:
+    sae = make_sae()
+    style = SAELensStyle(sae)
+    expected, _ = raw_run(model, ids, {SITE: lambda h: decode_by_hand(sae, encode_by_hand(sae, h))})
+    pre = f"{SITE}.sae.hook_sae_acts_pre"
+    with torch.no_grad():
+        out, caches = run_with_hooks(model, ids, {SITE: splice(style), pre: "capture"})
+    torch.testing.assert_close(out.logits, expected.logits)
+    _, before = raw_run(model, ids, capture=[SITE])
+    h = before[SITE]
+    torch.testing.assert_close(caches[pre].output, (h - sae.b_dec) @ sae.W_enc + sae.b_enc)
 
 
 def test_sae_arguments_are_checked() -> None:
@@ -454,9 +526,7 @@ def test_spliced_block_gives_nested_runs_the_latent_sites(model: nn.Module, ids:
         out, caches = run_with_hooks(model, ids, [LATENTS])
         plain_inside = model(ids)
     assert list(caches) == [LATENTS]
-    expected, _ = raw_run(
-        model, ids, {SITE: lambda h: decode_by_hand(sae, encode_by_hand(sae, h))}
-    )
+    expected, _ = raw_run(model, ids, {SITE: lambda h: decode_by_hand(sae, encode_by_hand(sae, h))})
     torch.testing.assert_close(out.logits, expected.logits)
     torch.testing.assert_close(plain_inside.logits, expected.logits)
     with pytest.raises(LayerNotFoundError):  # gone with the block
