@@ -7,7 +7,6 @@ Run from the repository root: ``python docs/gallery.py`` (writes into ``docs/``)
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -23,7 +22,9 @@ from hookfn.demo import decode, load_model, make_patching_pair
 from hookfn.patching import (
     activation_patching,
     attribution_patching,
+    each_head,
     each_position,
+    head_out,
     logit_diff,
 )
 
@@ -43,6 +44,11 @@ LABELS = {
     },
     "gallery-attention.png": {
         "title": "Attention pattern: block 0, head 0",
+        "xlabel": "key position",
+        "ylabel": "query position",
+    },
+    "components-pattern.png": {
+        "title": "The head that moves the answer",
         "xlabel": "key position",
         "ylabel": "query position",
     },
@@ -104,19 +110,8 @@ def attribution_figure(model: torch.nn.Module, path: Path) -> plt.Figure:
     return figure
 
 
-def attention_figure(model: torch.nn.Module, path: Path) -> plt.Figure:
-    """Head 0 of block 0, from the captured queries and keys (the model returns no weights)."""
-    pair, _ = _pair()
-    ids = pair.clean_ids[:1]
-    attn = model.transformer.h[0].attn
-    _, caches = run_with_hooks(model, ids, ["transformer.h.0.attn.c_attn"])
-    qkv = caches["transformer.h.0.attn.c_attn"].output[0]  # [seq, 3 * d_model]
-    seq, d_model = qkv.shape[0], qkv.shape[1] // 3
-    q, k, _ = qkv.split(d_model, dim=-1)
-    head = slice(0, attn.d_head)  # head 0
-    scores = q[:, head] @ k[:, head].T / math.sqrt(attn.d_head)
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
-    pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+def _pattern_figure(ids: torch.Tensor, pattern: torch.Tensor, path: Path, note: str) -> plt.Figure:
+    seq = pattern.shape[-1]
     tokens = decode(ids[0]).split()
     figure, axes = plt.subplots(figsize=(5, 4.5))
     image = axes.imshow(pattern.detach(), cmap="Blues", vmin=0, vmax=1)
@@ -126,8 +121,34 @@ def attention_figure(model: torch.nn.Module, path: Path) -> plt.Figure:
     axes.set_title(LABELS[path.name]["title"])
     axes.set_xlabel(LABELS[path.name]["xlabel"])
     axes.set_ylabel(LABELS[path.name]["ylabel"])
+    if note:
+        axes.text(0.02, 0.02, note, transform=axes.transAxes, fontsize="small", color="grey")
     figure.savefig(path, dpi=100, bbox_inches="tight")
     return figure
+
+
+def attention_figure(model: torch.nn.Module, path: Path) -> plt.Figure:
+    """Head 0 of block 0: the softmax inside its attention, captured as an op site (the
+    model returns no weights)."""
+    pair, _ = _pair()
+    ids = pair.clean_ids[:1]
+    _, caches = run_with_hooks(model, ids, ["transformer.h.0.attn:softmax"])
+    return _pattern_figure(ids, caches["transformer.h.0.attn:softmax"].output[0, 0], path, "")
+
+
+def head_pattern_figure(model: torch.nn.Module, path: Path) -> plt.Figure:
+    """The head of block 0 whose patching restores the most, found by head patching; its
+    pattern from the ``:pattern`` site."""
+    pair, metric = _pair()
+    heads = activation_patching(
+        model, pair.clean_ids, pair.corrupted_ids, head_out(model), over=each_head(), metric=metric
+    )
+    head = int(heads.values[0].argmax())
+    ids = pair.clean_ids[:1]
+    _, caches = run_with_hooks(model, ids, ["transformer.h.0.attn:pattern"])
+    pattern = caches["transformer.h.0.attn:pattern"].output[0, head]
+    note = f"block 0, head {head}: patching it alone restores {float(heads.normalized().values[0, head]):.0%}"
+    return _pattern_figure(ids, pattern, path, note)
 
 
 def make_figures(folder: str | Path) -> dict[str, plt.Figure]:
@@ -141,6 +162,7 @@ def make_figures(folder: str | Path) -> dict[str, plt.Figure]:
         ("gallery-patching.png", patching_figure),
         ("gallery-attribution.png", attribution_figure),
         ("gallery-attention.png", attention_figure),
+        ("components-pattern.png", head_pattern_figure),
     ):
         figures[name] = draw(model, folder / name)
         plt.close(figures[name])

@@ -7,6 +7,7 @@ edits at the layers the spec names, and returns its output with a ``{layer: Capt
 from __future__ import annotations
 
 from ._capture import Args, Capture, primary
+from ._components import components, register_components
 from ._discover import LayerInfo, LayerTable, layers
 from ._edits import (
     Chain,
@@ -92,6 +93,7 @@ __all__ = [
     "chain",
     "clamp",
     "collect",
+    "components",
     "heads",
     "from_step",
     "identity",
@@ -103,6 +105,7 @@ __all__ = [
     "patch_from",
     "primary",
     "project_out",
+    "register_components",
     "replace",
     "resample_ablate",
     "run_with_hooks",

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from ._capture import Capture, primary
+from ._capture import Args, Capture, primary
+from ._components import components
+from ._errors import HookfnError
 from ._hook import Hook
 from ._keys import unwrap
+from ._ops import op_name
 from ._plan import plan
 from ._run import run_with_hooks
 
@@ -133,6 +137,7 @@ def layers(
     match: str = "**",
     *,
     forward: Callable[..., Any] | None = None,
+    ops: bool = False,
 ) -> LayerTable:
     """List the layers of ``model`` that a spec can name, with what each produces.
 
@@ -153,6 +158,12 @@ def layers(
         match: A layer name or a glob over layer names (``*`` one dotted segment, ``**``
             any number); the default lists every layer.
         forward: Call this instead of ``model`` (as in `run_with_hooks`).
+        ops: Also list the sites inside the modules' forwards: each torch function a listed
+            module calls itself (not inside a submodule), as the op key that names it
+            (``"transformer.h.0.attn:softmax"``, type ``op``; ``calls`` counts its calls in
+            the run), right after the module; and, for an architecture with component
+            names, each component (``blocks.0.attn.hook_z``, type ``component``) at the end.
+            Shape and layout functions (``view``, ``transpose``, ``size``, ...) are left out.
 
     Returns:
         A `LayerTable`: a list of `LayerInfo` in ``named_modules()`` order.
@@ -191,4 +202,152 @@ def layers(
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
-    return LayerTable(_info(name, modules[name], capture) for name, capture in caches.items())
+    table = LayerTable(_info(name, modules[name], capture) for name, capture in caches.items())
+    if not ops:
+        return table
+    return _with_ops(model, inputs, forward, table)
+
+
+# Functions that only reshape, view, or read sizes: not listed as op sites.
+_LAYOUT = frozenset(
+    [
+        "get",
+        "getitem",
+        "setitem",
+        "size",
+        "dim",
+        "view",
+        "view_as",
+        "reshape",
+        "transpose",
+        "permute",
+        "contiguous",
+        "split",
+        "chunk",
+        "unbind",
+        "expand",
+        "expand_as",
+        "unsqueeze",
+        "squeeze",
+        "flatten",
+        "unflatten",
+        "to",
+        "type",
+        "float",
+        "half",
+        "numel",
+        "stride",
+        "is_floating_point",
+        "device",
+        "dtype",
+        "shape",
+        "T",
+        "mT",
+        "len",
+        "iter",
+        "repr",
+        "format",
+        "bool",
+        "tril",
+        "triu",
+        "ones",
+        "zeros",
+        "full",
+        "arange",
+        "empty",
+        "new_ones",
+        "new_zeros",
+        "new_full",
+        "clone",
+        "detach",
+    ]
+)
+
+
+class _OpRecorder(TorchFunctionMode):
+    """Records, for the innermost module running, the torch functions it calls."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        super().__init__()
+        self.names = names
+        self.stack: list[tuple[str, dict[str, int]]] = []
+        self.found: dict[tuple[str, str], list[Any]] = {}  # -> [calls, first result shape]
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        result = func(*args, **(kwargs or {}))
+        name = op_name(func)
+        if self.stack and name not in _LAYOUT and isinstance(result, Tensor):
+            module, counts = self.stack[-1]
+            counts[name] = counts.get(name, 0) + 1
+            entry = self.found.setdefault((module, name), [0, tuple(result.shape), result.dtype])
+            entry[0] += 1
+        return result
+
+
+def _with_ops(
+    model: nn.Module, inputs: object, forward: Callable[..., Any] | None, table: LayerTable
+) -> LayerTable:
+    inner, prefix = unwrap(model)
+    names = {id(m): prefix + n for n, m in inner.named_modules() if n}
+    recorder = _OpRecorder(names)
+
+    def enter(module: nn.Module, args: Any) -> None:
+        name = names.get(id(module))
+        if name is not None:
+            recorder.stack.append((name, {}))
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if id(module) in names and recorder.stack:
+            recorder.stack.pop()
+
+    from torch.nn.modules import module as torch_module
+
+    handles = [
+        torch_module.register_module_forward_pre_hook(enter),
+        torch_module.register_module_forward_hook(leave, always_call=True),
+    ]
+    call = forward if forward is not None else model
+    devices = sorted({p.device.index or 0 for p in inner.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), recorder:
+            _call(call, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    by_module: dict[str, list[LayerInfo]] = {}
+    for (module, op), (calls, shape, dtype) in recorder.found.items():
+        info = LayerInfo(f"{module}:{op}", "op", (shape,), dtype, calls, 0)
+        by_module.setdefault(module, []).append(info)
+    rows = LayerTable()
+    for info in table:
+        rows.append(info)
+        rows.extend(by_module.get(info.name, ()))
+    try:
+        listed = components(inner)
+    except HookfnError:
+        return rows
+    spec = {"blocks.**": _SHAPES_ONLY}
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        _, caches = run_with_hooks(model, inputs, spec, forward=forward)
+    for name, capture in caches.items():
+        if name in listed:
+            found = _info(name, nn.Identity(), capture)
+            rows.append(LayerInfo(name, "component", found.shapes, found.dtype, found.calls, 0))
+    return rows
+
+
+def _call(call: Callable[..., Any], inputs: object) -> None:
+    if isinstance(inputs, Args):
+        call(*inputs.args, **inputs.kwargs)
+    elif isinstance(inputs, Mapping):
+        call(**inputs)
+    elif isinstance(inputs, tuple):
+        call(*inputs)
+    else:
+        call(inputs)

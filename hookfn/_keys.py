@@ -99,24 +99,45 @@ class Names:
         if names is None:
             pairs = list(self.root.named_modules() if self._pairs is None else self._pairs)
             self._pairs = pairs[:]
+            # Each host's grafts in the order given: those named '<...' before the host, the
+            # others after the host's own submodules.
+            places: dict[tuple[int, bool], list[tuple[str, nn.Module]]] = {}
+            hosts: dict[int, nn.Module] = {}
             for host, name, module in self._grafts:
-                where = next((i for i, (_, m) in enumerate(pairs) if m is host), None)
-                if where is None:
+                top = self._graft_name(pairs, host, name)
+                if top is None:
                     continue  # spliced into another model
+                grafted = [(f"{top}.{sub}" if sub else top, m) for sub, m in module.named_modules()]
+                self._grafted.update(grafted)
+                hosts[id(host)] = host
+                places.setdefault((id(host), name.startswith("<")), []).extend(grafted)
+            for (host_id, before), grafted in places.items():
+                where = next(i for i, (_, m) in enumerate(pairs) if m is hosts[host_id])
                 base = pairs[where][0]
                 end = where + 1
                 while end < len(pairs) and pairs[end][0].startswith(base + "." if base else ""):
                     end += 1
-                top = f"{base}.{name}" if base else name
-                grafted = [(f"{top}.{sub}" if sub else top, m) for sub, m in module.named_modules()]
-                self._grafted.update(grafted)
-                pairs[end:end] = grafted
+                pairs[where if before else end : where if before else end] = grafted
             names = self._names = []
             for name, module in pairs:
                 self._by_id.setdefault(id(module), (len(names), name))
                 self._modules[name] = module
                 names.append(name)
         return names
+
+    @staticmethod
+    def _graft_name(pairs: list[tuple[str, nn.Module]], host: nn.Module, name: str) -> str | None:
+        """The whole name of a graft: an op site's (``':op'``) follows its module's name
+        directly; a component's (``'/...'``, ``'<...'``) is the name itself; any other
+        (a splice's) is a child's name of the module. None where the host is not here."""
+        base = next((n for n, m in pairs if m is host), None)
+        if base is None:
+            return None
+        if name[:1] in ("/", "<"):
+            return name[1:]
+        if base and not name.startswith(":"):
+            return f"{base}.{name}"
+        return base + name
 
     def with_grafts(self, grafts: Sequence[tuple[nn.Module, str, nn.Module]]) -> Names:
         """These names with ``grafts`` added (the model's modules are not read again)."""

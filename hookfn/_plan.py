@@ -24,11 +24,13 @@ from torch import nn
 from typing_extensions import TypeAlias
 
 from ._compile import compiler_loaded, enclosing
+from ._components import component_grafts, looks_like_component
 from ._edits import Splice, SpliceFromInput
 from ._errors import SpecError
 from ._gate import active_grafts
 from ._hook import CAPTURE, Hook, SpecValue, to_hook
-from ._keys import Names, is_glob, path_to, resolve_key, unwrap
+from ._keys import Names, glob_regex, is_glob, path_to, resolve_key, submodule, unwrap
+from ._ops import Operand, OpSite, Pattern, parse_op
 from ._site import Site
 
 __all__ = ["Plan", "Planned", "Spec", "make_plan", "plan"]
@@ -181,7 +183,12 @@ def _resolve(
     sites = tuple(
         Planned(name, module, hook, order, {}) for name, module, order, _, hook, *_ in picked
     )
-    around = tuple(enclosing(model, [(p.name, p.module) for p in sites]))
+    hooked = [(p.name, p.module) for p in sites]
+    for host, *_ in own:  # a probe's host runs the hooks that call it
+        place = names.find(host)
+        if place is not None:
+            hooked.append((prefix + place[1], host))
+    around = tuple(enclosing(model, hooked))
     if keep and all(p.module is not model for p in sites):
         entries = [
             (position, p.name, p.module, p.order, p.sites)
@@ -194,6 +201,32 @@ def _resolve(
 
 
 _SPLICES = (Splice, SpliceFromInput)
+
+
+def _names_a_module(names: Names, key: str) -> bool:
+    if is_glob(key):
+        regex = glob_regex(key)
+        return any(regex.match(name) for name in names.names)
+    return submodule(names.root, key) is not None
+
+
+def op_grafts(
+    model: nn.Module, names: Names, prefix: str, key: str
+) -> list[tuple[nn.Module, str, nn.Module]]:
+    """The probes an op key (``"module:op"``) puts into the modules it names."""
+    module_key, _, op = key.partition(":")
+    if op in ("q", "k", "v"):
+        make: Any = lambda: Operand(op)  # noqa: E731
+    elif op == "pattern":
+        make = Pattern
+    else:
+        name, index = parse_op(op, key)
+        make = lambda: OpSite(name, index)  # noqa: E731
+    if not module_key:
+        return [(names.root, ":" + op, make())]
+    return [
+        (found.module, ":" + op, make()) for found in resolve_key(model, names, prefix, module_key)
+    ]
 
 
 def _apart(keys: tuple[object, ...], grafts: list[tuple[nn.Module, str, nn.Module]]) -> bool:
@@ -218,6 +251,10 @@ def _grafts(
     """The modules this spec splices in, as ``(host, name, module)`` (see `Names`)."""
     grafts: list[tuple[nn.Module, str, nn.Module]] = []
     for (key, _), hook in zip(items, hooks, strict=True):
+        if type(key) is str and ":" in key:
+            grafts.extend(op_grafts(model, names, prefix, key))
+        elif type(key) is str and looks_like_component(key) and not _names_a_module(names, key):
+            grafts.extend(component_grafts(names.root, names, prefix, key))
         edit = hook.edit
         if not isinstance(edit, Splice):
             continue

@@ -37,6 +37,7 @@ from ._gate import (
 )
 from ._hook import Hook, to_hook
 from ._hooks import Recorder
+from ._ops import PROBES, Interceptor
 from ._parallel import ParallelContext
 from ._plan import Planned, Spec, make_plan
 
@@ -150,6 +151,8 @@ class TraceMultiple(Mapping[str, "Trace"]):
         self.model = model
         self.sites: tuple[Planned, ...] = plan.sites
         self._grafts = plan.grafts
+        self._probes = [(host, m) for host, _, m in plan.grafts if isinstance(m, PROBES)]
+        self._interceptors: list[Interceptor] = []
         self._stop_early = stop_early
         self._strict = strict
         self._guard: CompileGuard | None = None
@@ -220,10 +223,25 @@ class TraceMultiple(Mapping[str, "Trace"]):
                     self._guard.attach(token)
                 if self._grafts:
                     GRAFTS[token] = self._grafts
+                if self._probes:
+                    self._intercept(token)
             self._reset = activate(token)
         except BaseException:
             self._close()  # also after a KeyboardInterrupt: nothing stays registered
             raise
+
+    def _intercept(self, token: object) -> None:
+        """Set up the calls of this run's probes (see `hookfn._ops`), one interceptor per
+        host module (the caller holds the registry lock)."""
+        by_host: dict[int, Interceptor] = {}
+        for host, probe in self._probes:
+            interceptor = by_host.get(id(host))
+            if interceptor is None:
+                interceptor = by_host[id(host)] = Interceptor(host, type(host).__name__, token)
+            interceptor.add(probe)
+        for interceptor in by_host.values():
+            self._interceptors.append(interceptor)
+            interceptor.register()
 
     def _close(self) -> None:
         """Remove everything `_open` set up; idempotent, so it can simply run again."""
@@ -238,6 +256,9 @@ class TraceMultiple(Mapping[str, "Trace"]):
             if self._parallel is not None:
                 self._parallel.detach()
             GRAFTS.pop(token, None)
+            while self._interceptors:
+                self._interceptors[-1].remove()
+                self._interceptors.pop()
         IN_BACKWARD.pop(token, None)  # (if an interrupt cut a `backward=` pass short)
         reset, self._reset = self._reset, None
         deactivate(token, reset)

@@ -1,0 +1,364 @@
+"""Sites inside a module's forward: torch functions it calls, and values no submodule returns.
+
+A *probe* is a small module grafted into the model for a run (see `hookfn._keys.Names`):
+hooks, captures and edits act on it like on any module, and something the run sets up calls
+it at the right point of the forward:
+
+- `OpSite`: a torch function called inside a module (``"transformer.h.0.attn:softmax"``, the
+  second call ``":matmul.1"``). While the module runs, in the run's context, a
+  `torch.overrides.TorchFunctionMode` routes the chosen calls through the probe, whose
+  input is the function's arguments and whose output is its result.
+- `Pattern`: the attention pattern. ``F.scaled_dot_product_attention`` computes none, so its
+  call is replaced by the same attention written out, the softmax weights passing through
+  the probe (an edit there changes what the values are averaged with); in an attention that
+  computes its own softmax, the first softmax's result passes through it.
+- `Operand`: an argument of ``scaled_dot_product_attention`` (``q``, ``k``, ``v``, after any
+  rotary embedding), passed through the probe before the attention runs.
+- `Insert`: a value at the input or output of a module, passed through a probe (the
+  component names of `hookfn._components`), optionally split into heads and merged back.
+
+`Interceptor` holds the probes of one host module for one run: its hooks on the host enter
+and leave the function mode (and call the insertion probes) only where the run is active.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ._capture import Args, primary
+from ._errors import EditError, SpecError
+from ._gate import ACTIVE, HOOK_KEYS
+from ._values import replace_primary
+
+__all__ = [
+    "PROBES",
+    "Insert",
+    "Interceptor",
+    "OpSite",
+    "Operand",
+    "Pattern",
+    "Probe",
+    "op_name",
+    "parse_op",
+]
+
+# Names users write for functions torch reports under another name.
+_ALIASES = {"sdpa": "scaled_dot_product_attention", "bmm": "bmm"}
+
+
+def op_name(func: Callable[..., Any]) -> str:
+    """The name an op site uses for a torch function: ``softmax`` for ``torch.softmax``,
+    ``F.softmax`` and ``Tensor.softmax``; ``matmul`` for ``@`` too."""
+    name = getattr(func, "__name__", "")
+    return name.strip("_")
+
+
+def parse_op(text: str, key: str) -> tuple[str, int | None]:
+    """``"softmax"`` -> ("softmax", None); ``"matmul.1"`` -> ("matmul", 1)."""
+    name, _, index = text.partition(".")
+    name = _ALIASES.get(name, name)
+    if not name.isidentifier() or (index and not index.isdigit()):
+        raise SpecError(
+            f"op site {key!r}: after ':' comes a torch function's name, and optionally which "
+            "of its calls inside one call of the module (from 0): 'softmax', 'matmul.1', "
+            "'scaled_dot_product_attention' (or 'sdpa')."
+        )
+    return name, int(index) if index else None
+
+
+class Probe(nn.Module):
+    """A value passing through a site: the identity, hooked by the runs that name it."""
+
+    def forward(self, x: Any) -> Any:
+        return x
+
+
+class OpSite(nn.Module):
+    """Calls of one torch function inside a module (every call, or the ``index``-th of each
+    call of the module). Its input is the call's arguments, its output the result."""
+
+    def __init__(self, op: str, index: int | None) -> None:
+        super().__init__()
+        self.op = op
+        self.index = index
+        self._func = threading.local()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._func.value(*args, **kwargs)
+
+    def through(self, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        self._func.value = func
+        return self(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return self.op if self.index is None else f"{self.op}.{self.index}"
+
+
+class Pattern(Probe):
+    """The attention pattern: softmax weights ``[batch, heads, query, key]``."""
+
+
+class Operand(Probe):
+    """``q``, ``k`` or ``v``: an argument of ``scaled_dot_product_attention``
+    (``[batch, heads, positions, head width]``)."""
+
+    def __init__(self, which: str) -> None:
+        super().__init__()
+        self.which = which
+
+    def extra_repr(self) -> str:
+        return self.which
+
+
+class Insert(Probe):
+    """A value at a module's input or output (``where``), split into ``heads`` heads on the
+    last dim for the probe (``[batch, positions, heads, head width]``) where given."""
+
+    def __init__(self, where: str, heads: int | None = None) -> None:
+        super().__init__()
+        self.where = where
+        self.heads = heads
+
+    def extra_repr(self) -> str:
+        return self.where + (f", heads={self.heads}" if self.heads else "")
+
+    def through(self, x: Tensor) -> Tensor:
+        if self.heads is None:
+            return self(x)  # type: ignore[no-any-return]
+        if x.shape[-1] % self.heads:
+            raise EditError(
+                f"the value is {tuple(x.shape)}: its last dim does not split into "
+                f"{self.heads} heads."
+            )
+        y: Tensor = self(rearrange(x, "... (h d) -> ... h d", h=self.heads))
+        return rearrange(y, "... h d -> ... (h d)")
+
+
+_SDPA = "scaled_dot_product_attention"
+
+PROBES = (OpSite, Probe)
+"""The kinds of grafted modules an `Interceptor` calls."""
+
+
+def explicit_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    pattern: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` written out, its softmax weights passed through
+    ``pattern`` (which may edit them) before they weigh the values."""
+    n_query, n_key = query.size(-2), key.size(-2)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.size(-1))
+    if enable_gqa and key.size(-3) != query.size(-3):
+        groups = query.size(-3) // key.size(-3)
+        key = key.repeat_interleave(groups, dim=-3)
+        value = value.repeat_interleave(groups, dim=-3)
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        allowed = torch.ones(n_query, n_key, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    # A query that may attend to nothing (left padding) gets zero weights, as in the fused
+    # attention (a softmax over only -inf would be NaN, in its gradient too).
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    weights = pattern(weights)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ value
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _sdpa_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    bound = dict(zip(_SDPA_ARGS, args, strict=False))
+    bound.update(kwargs)
+    return bound
+
+
+class _Mode(TorchFunctionMode):
+    """The function mode of one call of a host module: routes the calls of the ops its
+    interceptor watches through their probes."""
+
+    def __init__(self, interceptor: Interceptor) -> None:
+        super().__init__()
+        self.interceptor = interceptor
+        self.counts: dict[str, int] = {}
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = op_name(func)
+        watched = self.interceptor.watched
+        if name not in watched:
+            return func(*args, **kwargs)
+        call = self.counts.get(name, 0)
+        self.counts[name] = call + 1
+        return self.interceptor.route(name, call, func, args, kwargs)
+
+
+class Interceptor:
+    """The op sites and probes of one host module for one run (see the module docstring)."""
+
+    def __init__(self, host: nn.Module, name: str, token: object) -> None:
+        self.host = host
+        self.name = name
+        self.token = token
+        self.ops: list[OpSite] = []
+        self.patterns: list[Pattern] = []
+        self.operands: list[Operand] = []
+        self.inputs: list[Insert] = []
+        self.outputs: list[Insert] = []
+        self.watched: set[str] = set()
+        self.keys: list[tuple[dict[int, Any], int]] = []
+        self._modes = threading.local()
+
+    def add(self, probe: nn.Module) -> None:
+        if isinstance(probe, OpSite):
+            self.ops.append(probe)
+            self.watched.add(probe.op)
+        elif isinstance(probe, Pattern):
+            self.patterns.append(probe)
+            self.watched.update((_SDPA, "softmax"))
+        elif isinstance(probe, Operand):
+            self.operands.append(probe)
+            self.watched.add(_SDPA)
+        elif isinstance(probe, Insert):
+            (self.inputs if probe.where == "input" else self.outputs).append(probe)
+
+    # -- registration (the caller holds `hookfn._gate.REGISTRY`) --------------------------
+
+    def register(self) -> None:
+        host = self.host
+        if self.watched or self.inputs:
+            key = next(HOOK_KEYS)
+            self.keys.append((host._forward_pre_hooks, key))
+            host._forward_pre_hooks_with_kwargs[key] = True
+            host._forward_pre_hooks[key] = self._enter
+            _first(host._forward_pre_hooks, key)
+        if self.watched or self.outputs:
+            key = next(HOOK_KEYS)
+            self.keys.append((host._forward_hooks, key))
+            host._forward_hooks_always_called[key] = True
+            host._forward_hooks[key] = self._leave
+            _first(host._forward_hooks, key)
+
+    def remove(self) -> None:
+        host = self.host
+        while self.keys:
+            hooks, key = self.keys[-1]
+            hooks.pop(key, None)
+            host._forward_pre_hooks_with_kwargs.pop(key, None)
+            host._forward_hooks_always_called.pop(key, None)
+            self.keys.pop()
+        stack = getattr(self._modes, "stack", None)
+        while stack:  # (a forward cut short by an interrupt in this thread)
+            mode = stack.pop()
+            if mode is not None:
+                mode.__exit__(None, None, None)
+
+    # -- the hooks ---------------------------------------------------------------------
+
+    def _enter(self, module: nn.Module, args: Any, kwargs: Any = None) -> Any:
+        active = self.token in ACTIVE.get()
+        if self.watched:
+            stack = getattr(self._modes, "stack", None)
+            if stack is None:
+                stack = self._modes.stack = []
+            mode = _Mode(self) if active else None
+            stack.append(mode)
+            if mode is not None:
+                mode.__enter__()  # type: ignore[no-untyped-call]
+        if not (active and self.inputs):
+            return None
+        value = Args._of(args, kwargs or {})
+        x = primary(value)
+        if x is None:
+            return None
+        for probe in self.inputs:
+            x = probe.through(x)
+        new = replace_primary(value, x)
+        return new.args, new.kwargs
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if self.watched:
+            stack = getattr(self._modes, "stack", None)
+            mode = stack.pop() if stack else None
+            if mode is not None:
+                mode.__exit__(None, None, None)
+        if not (self.outputs and self.token in ACTIVE.get()):
+            return None
+        x = primary(output)
+        if x is None:
+            return None
+        for probe in self.outputs:
+            x = probe.through(x)
+        return replace_primary(output, x)
+
+    # -- what the function mode calls -----------------------------------------------------
+
+    def route(
+        self, name: str, call: int, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]
+    ) -> Any:
+        if name == _SDPA and (self.operands or self.patterns):
+            bound = _sdpa_arguments(args, kwargs)
+            for probe in self.operands:
+                field = {"q": "query", "k": "key", "v": "value"}[probe.which]
+                bound[field] = probe(bound[field])
+            if self.patterns:
+                func = lambda **kw: explicit_attention(**kw, pattern=self._pattern)  # noqa: E731
+            args, kwargs = (), bound
+        elif name == "softmax" and self.patterns and call == 0:
+            return self._pattern(self._through_ops(name, call, func, args, kwargs))
+        return self._through_ops(name, call, func, args, kwargs)
+
+    def _pattern(self, weights: Tensor) -> Tensor:
+        for probe in self.patterns:  # (several keys may name the same pattern)
+            weights = probe(weights)
+        return weights
+
+    def _through_ops(
+        self, name: str, call: int, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]
+    ) -> Any:
+        for site in self.ops:
+            if site.op == name and (site.index is None or site.index == call):
+                inner = func
+                func = lambda *a, _s=site, _f=inner, **k: _s.through(_f, a, k)  # noqa: E731
+        return func(*args, **kwargs)
+
+
+def _first(hooks: dict[int, Any], key: int) -> None:
+    """Move ``key`` to the front of a hook dict (it runs before the module's other hooks)."""
+    if len(hooks) > 1:
+        value = hooks.pop(key)
+        rest = list(hooks.items())
+        hooks.clear()
+        hooks[key] = value
+        hooks.update(rest)
