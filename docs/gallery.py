@@ -147,7 +147,8 @@ def head_pattern_figure(model: torch.nn.Module, path: Path) -> plt.Figure:
     ids = pair.clean_ids[:1]
     _, caches = run_with_hooks(model, ids, ["transformer.h.0.attn:pattern"])
     pattern = caches["transformer.h.0.attn:pattern"].output[0, head]
-    note = f"block 0, head {head}: patching it alone restores {float(heads.normalized().values[0, head]):.0%}"
+    restored = float(heads.normalized().values[0, head])
+    note = f"block 0, head {head}: patching it alone restores {restored:.0%}"
     return _pattern_figure(ids, pattern, path, note)
 
 
