@@ -135,6 +135,11 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} µs"
 
 
+def _signed_time(seconds: float) -> str:
+    """An extra time: ``+1.20 ms``, or ``-0.30 ms`` where the noise exceeds it."""
+    return ("-" if seconds < 0 else "+") + _fmt_time(abs(seconds))
+
+
 def _us(value: float) -> str:
     return f"{value:.1f}" if math.isfinite(value) else "n/a"
 
@@ -648,9 +653,34 @@ def splice_section(report: Report, rows: list[Row]) -> None:
             [
                 row.info["splice_case"],
                 _fmt_time(row.info["bare_s"]),
-                "+" + _fmt_time(row.info["raw_cost_s"]),
-                "+" + _fmt_time(row.info["splice_cost_s"]),
+                _signed_time(row.info["raw_cost_s"]),
+                _signed_time(row.info["splice_cost_s"]),
                 _x(row.info["splice_ratio"]),
+            ]
+            for row in cases
+        ),
+    )
+
+
+def components_section(report: Report, rows: list[Row]) -> None:
+    cases = [row for row in rows if row.suite == "components"]
+    if not cases:
+        return
+    report.add(
+        "### Components and op sites",
+        "",
+        "The cost of each way over the bare forward (median over rounds that run every way "
+        "in turn), on a GPT-2 with sdpa attention: see benchmarks/test_bench_components.py.",
+        "",
+    )
+    names = list(cases[0].info["costs_s"])
+    report.table(
+        ["case", "bare forward", *names],
+        (
+            [
+                row.info["components_case"],
+                _fmt_time(row.info["bare_s"]),
+                *(_signed_time(row.info["costs_s"][name]) for name in names),
             ]
             for row in cases
         ),
@@ -688,6 +718,7 @@ def build(path: str, args: argparse.Namespace) -> Report:
     memory_section(report, rows)
     patching_section(report, rows)
     splice_section(report, rows)
+    components_section(report, rows)
     machine_section(report, data, args.stat)
     gate(report, items, args)
     return report

@@ -171,18 +171,24 @@ def explicit_attention(
         key = key.repeat_interleave(groups, dim=-3)
         value = value.repeat_interleave(groups, dim=-3)
     scores = (query @ key.transpose(-2, -1)) * scale
-    if is_causal:
+    allowed = None
+    if is_causal:  # (every row keeps its first key: never empty)
         allowed = torch.ones(n_query, n_key, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
+    empty = None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
+            allowed = attn_mask if allowed is None else attn_mask & allowed
+            # A query that may attend to nothing (left padding) gets zero weights, as in the
+            # fused attention (a softmax over only -inf would be NaN, in its gradient too).
+            empty = ~allowed.any(dim=-1, keepdim=True)
+            allowed = allowed | empty
         else:
             scores = scores + attn_mask
-    # A query that may attend to nothing (left padding) gets zero weights, as in the fused
-    # attention (a softmax over only -inf would be NaN, in its gradient too).
-    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    if empty is not None:
+        weights = weights.masked_fill(empty, 0.0)
     weights = pattern(weights)
     if dropout_p > 0.0:
         weights = F.dropout(weights, dropout_p)
