@@ -212,7 +212,7 @@ def _architecture(
 
 
 def component_grafts(
-    inner: nn.Module, names: Names, prefix: str, key: str
+    inner: nn.Module, names: Names, key: str
 ) -> list[tuple[nn.Module, str, nn.Module]]:
     """The probes a component key names, as grafts ``(host, "/" + name, probe)`` (the name
     is the whole site name, see `Names`; ``"<"`` for a value at the host's input)."""
@@ -240,7 +240,7 @@ def component_grafts(
                 heads = getattr(config, where.heads) if where.heads else None
                 probe = Insert(where.where, heads)
             mark = "<" if where.where == "input" else "/"
-            grafts.append((host, mark + prefix + name, probe))
+            grafts.append((host, mark + name, probe))
     if not grafts and wanted is None:
         raise LayerNotFoundError(
             f"no component {key!r} in {type(inner).__name__}; its components are "

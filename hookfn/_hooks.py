@@ -33,7 +33,7 @@ from torch.autograd.graph import get_gradient_edge as gradient_edge
 from ._capture import Args, primary
 from ._edits import Edit, Function, check_result
 from ._errors import CaptureError, EditError, HookfnError, HookfnWarning, PartialEditWarning
-from ._gate import ACTIVE, HOOK_KEYS, IN_BACKWARD, Replays, Stopper, graph_task
+from ._gate import ACTIVE, HOOK_KEYS, IN_BACKWARD, Replays, Stopper, graph_task, replaying
 from ._hook import Hook
 from ._site import Site, SiteKind
 from ._values import PLAIN_COPY, copy_value, make_copier, replace_primary
@@ -261,12 +261,8 @@ class Recorder:
 
     def edit_output_of_input(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         """The edit step of an edit that reads the module's input too (a transcoder)."""
-        token = self.token
-        if token in ACTIVE.get():
-            replay = graph_task() != self.base
-        elif token in IN_BACKWARD and _in_backward(token):
-            replay = True
-        else:
+        replay = replaying(self.token, self.base)
+        if replay is None:
             return None
         source = primary(Args._of(args, kwargs))
         if source is None:

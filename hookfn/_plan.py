@@ -254,7 +254,7 @@ def _grafts(
         if type(key) is str and ":" in key:
             grafts.extend(op_grafts(model, names, prefix, key))
         elif type(key) is str and looks_like_component(key) and not _names_a_module(names, key):
-            grafts.extend(component_grafts(names.root, names, prefix, key))
+            grafts.extend(component_grafts(names.root, names, key))
         edit = hook.edit
         if not isinstance(edit, Splice):
             continue

@@ -476,3 +476,53 @@ def test_the_function_mode_is_call_scoped() -> None:
     assert torch._C._len_torch_function_stack() == 0
     assert snapshot_hooks(model) == before
     assert other == [0]
+
+
+def test_components_work_with_patch_from_and_the_patching_sweeps() -> None:
+    from hookfn import patch_from
+    from hookfn.patching import (
+        activation_patching,
+        attribution_patching,
+        each_position,
+        logit_diff,
+        resid_pre,
+    )
+
+    model = make("gpt2")
+    clean = inputs("gpt2")["input_ids"]
+    corrupted = clean.clone()
+    corrupted[:, 2] = 7
+    with torch.no_grad():
+        expected = model(clean).logits
+        _, cache = run_with_hooks(model, clean, ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre"])
+        # Every head of block 0 and the whole residual stream into block 1: the clean run.
+        out, _ = run_with_hooks(
+            model,
+            corrupted,
+            {
+                "blocks.0.attn.hook_z": patch_from(cache),
+                "blocks.1.hook_resid_pre": patch_from(cache),
+            },
+        )
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+    metric = logit_diff(3, 5)
+    by_module = resid_pre(model)  # the blocks' inputs, named as modules
+    for sweep in (activation_patching, attribution_patching):
+        by_component = sweep(
+            model, clean, corrupted, "blocks.*.hook_resid_pre", over=each_position(), metric=metric
+        )
+        reference = sweep(model, clean, corrupted, by_module, over=each_position(), metric=metric)
+        torch.testing.assert_close(by_component.values, reference.values, atol=1e-5, rtol=1e-5)
+
+
+def test_op_sites_and_components_on_a_compiled_model() -> None:
+    model = make("gpt2")
+    batch = inputs("gpt2")
+    compiled = torch.compile(model, backend="eager")
+    keys = ["transformer.h.0.attn:sdpa", "blocks.0.attn.hook_pattern"]
+    with torch.no_grad():
+        compiled(**batch)
+        _, plain = run_with_hooks(model, batch, keys)
+        _, through = run_with_hooks(compiled, batch, keys)  # hooked modules run eagerly
+    for key in keys:
+        torch.testing.assert_close(through[key].output, plain[key].output)

@@ -14,6 +14,7 @@ Two kinds of fault injection:
 
 from __future__ import annotations
 
+import gc
 import random
 import sys
 from collections.abc import Callable, Iterator
@@ -297,22 +298,29 @@ def test_keyboard_interrupt_at_every_call_in_hookfn_leaks_nothing(name: str, dat
     scenario = SCENARIOS[name]
     before = State.of(target)
 
-    for _ in range(2):  # the first run, traced or not, fills caches: count the second
-        counter = InterruptAt(0)
-        with tracing(counter):
-            torch.testing.assert_close(scenario(model, x), want)
-    total = counter.points
-    assert total > 20  # the tracer saw hookfn's code run
-    before.assert_same(target)
+    # The cyclic collector stays off while calls are counted: a collection of earlier tests'
+    # garbage would run finalizers (more calls) inside one run and not in another.
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(2):  # the first run, traced or not, fills caches: count the second
+            counter = InterruptAt(0)
+            with tracing(counter):
+                torch.testing.assert_close(scenario(model, x), want)
+        total = counter.points
+        assert total > 20  # the tracer saw hookfn's code run
+        before.assert_same(target)
 
-    for n in range(1, total + 1):  # every one of them
-        tracer = InterruptAt(n)
-        with pytest.raises(KeyboardInterrupt), tracing(tracer):
-            scenario(model, x)
-        assert tracer.fired
-        before.assert_same(target, where=f"(interrupt at {tracer.where})")
-        # The next run, with no interrupt, is correct.
-        torch.testing.assert_close(scenario(model, x), want)
+        for n in range(1, total + 1):  # every one of them
+            tracer = InterruptAt(n)
+            with pytest.raises(KeyboardInterrupt), tracing(tracer):
+                scenario(model, x)
+            assert tracer.fired
+            before.assert_same(target, where=f"(interrupt at {tracer.where})")
+            # The next run, with no interrupt, is correct.
+            torch.testing.assert_close(scenario(model, x), want)
+    finally:
+        gc.enable()
     assert calls[0] > 0  # the user's hooks kept firing throughout
     assert calls[1] > 0
 
