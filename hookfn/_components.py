@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from ._errors import LayerNotFoundError, SpecError
-from ._keys import Names, glob_regex, is_glob, submodule
+from ._keys import Names, glob_regex, is_glob, submodule, unwrap
 from ._ops import Insert, Operand, Pattern, Probe
 
 __all__ = [
@@ -176,7 +176,7 @@ def components(model: nn.Module) -> dict[str, str]:
     Raises:
         LayerNotFoundError: hookfn knows no component names for this architecture.
     """
-    inner = model
+    inner, _ = unwrap(model)
     names = Names(inner)
     architecture, base, blocks = _architecture(inner, names, "components(model)")
     table: dict[str, str] = {}

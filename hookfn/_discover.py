@@ -161,8 +161,9 @@ def layers(
         ops: Also list the sites inside the modules' forwards: each torch function a listed
             module calls itself (not inside a submodule), as the op key that names it
             (``"transformer.h.0.attn:softmax"``, type ``op``; ``calls`` counts its calls in
-            the run), right after the module; and, for an architecture with component
-            names, each component (``blocks.0.attn.hook_z``, type ``component``) at the end.
+            the run), right after the module; and, with the default ``match``, for an
+            architecture with component names, each component (``blocks.0.attn.hook_z``,
+            type ``component``) at the end.
             Shape and layout functions (``view``, ``transpose``, ``size``, ...) are left out.
 
     Returns:
@@ -205,7 +206,7 @@ def layers(
     table = LayerTable(_info(name, modules[name], capture) for name, capture in caches.items())
     if not ops:
         return table
-    return _with_ops(model, inputs, forward, table)
+    return _with_ops(model, inputs, forward, table, match)
 
 
 # Functions that only reshape, view, or read sizes: not listed as op sites.
@@ -291,7 +292,11 @@ class _OpRecorder(TorchFunctionMode):
 
 
 def _with_ops(
-    model: nn.Module, inputs: object, forward: Callable[..., Any] | None, table: LayerTable
+    model: nn.Module,
+    inputs: object,
+    forward: Callable[..., Any] | None,
+    table: LayerTable,
+    match: str,
 ) -> LayerTable:
     inner, prefix = unwrap(model)
     names = {id(m): prefix + n for n, m in inner.named_modules() if n}
@@ -332,11 +337,14 @@ def _with_ops(
         listed = components(inner)
     except HookfnError:
         return rows
+    if match != "**":  # (components are listed with every layer, not under a filter)
+        return rows
+    shown = set(listed)
     spec = {"blocks.**": _SHAPES_ONLY}
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         _, caches = run_with_hooks(model, inputs, spec, forward=forward)
     for name, capture in caches.items():
-        if name in listed:
+        if name in shown:
             found = _info(name, nn.Identity(), capture)
             rows.append(LayerInfo(name, "component", found.shapes, found.dtype, found.calls, 0))
     return rows

@@ -282,10 +282,11 @@ def _segment_regex(segment: str) -> str:
     while i < len(segment):
         ch = segment[i]
         close = _class_end(segment, i) if ch == "[" else -1
+        # ('*' and '?' stay within a module's name: they never take the ':' of an op site)
         if ch == "*":
-            piece += r"[^.]*"
+            piece += r"[^.:]*"
         elif ch == "?":
-            piece += r"[^.]"
+            piece += r"[^.:]"
         elif close > 0:
             negate = segment[i + 1] == "!"
             members = segment[i + 2 if negate else i + 1 : close]

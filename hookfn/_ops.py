@@ -24,8 +24,10 @@ and leave the function mode (and call the insertion probes) only where the run i
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import torch
@@ -40,7 +42,9 @@ from ._gate import ACTIVE, HOOK_KEYS
 from ._values import replace_primary
 
 __all__ = [
+    "LIVE",
     "PROBES",
+    "unwind",
     "Insert",
     "Interceptor",
     "OpSite",
@@ -65,6 +69,7 @@ def op_name(func: Callable[..., Any]) -> str:
 def parse_op(text: str, key: str) -> tuple[str, int | None]:
     """``"softmax"`` -> ("softmax", None); ``"matmul.1"`` -> ("matmul", 1)."""
     name, _, index = text.partition(".")
+    name = name.strip("_")  # (``__matmul__`` is ``matmul``, as `op_name` reports it)
     name = _ALIASES.get(name, name)
     if not name.isidentifier() or (index and not index.isdigit()):
         raise SpecError(
@@ -144,9 +149,14 @@ class Insert(Probe):
 
 
 _SDPA = "scaled_dot_product_attention"
+_NO_KEY = 0  # (hookfn's hook keys are negative)
 
 PROBES = (OpSite, Probe)
 """The kinds of grafted modules an `Interceptor` calls."""
+
+LIVE = [0]
+"""How many interceptors are registered now: where none is, no function mode of an op site
+can be on any stack, and runs skip looking (see `unwind`)."""
 
 
 def explicit_attention(
@@ -171,24 +181,24 @@ def explicit_attention(
         key = key.repeat_interleave(groups, dim=-3)
         value = value.repeat_interleave(groups, dim=-3)
     scores = (query @ key.transpose(-2, -1)) * scale
-    allowed = None
-    if is_causal:  # (every row keeps its first key: never empty)
-        allowed = torch.ones(n_query, n_key, dtype=torch.bool, device=query.device).tril()
-    empty = None
+    blocked = None  # True where a query may not see a key (broadcasts with the scores)
+    if is_causal:
+        blocked = ~torch.ones(n_query, n_key, dtype=torch.bool, device=query.device).tril()
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            allowed = attn_mask if allowed is None else attn_mask & allowed
-            # A query that may attend to nothing (left padding) gets zero weights, as in the
-            # fused attention (a softmax over only -inf would be NaN, in its gradient too).
-            empty = ~allowed.any(dim=-1, keepdim=True)
-            allowed = allowed | empty
+            masked = ~attn_mask
         else:
             scores = scores + attn_mask
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    if empty is not None:
-        weights = weights.masked_fill(empty, 0.0)
+            masked = torch.isneginf(attn_mask)
+        blocked = masked if blocked is None else masked | blocked
+    if blocked is None:
+        weights = torch.softmax(scores, dim=-1)
+    else:
+        # A query that may see no key (left padding) gets zero weights, as in the fused
+        # attention (a softmax over only -inf would be NaN, in its gradient too).
+        empty = blocked.all(dim=-1, keepdim=True)
+        scores = scores.masked_fill(blocked, float("-inf")).masked_fill(empty, 0.0)
+        weights = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
     weights = pattern(weights)
     if dropout_p > 0.0:
         weights = F.dropout(weights, dropout_p)
@@ -202,6 +212,34 @@ def _sdpa_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, 
     bound = dict(zip(_SDPA_ARGS, args, strict=False))
     bound.update(kwargs)
     return bound
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _called_by(host: nn.Module) -> bool:
+    """Whether the torch function being called is called by ``host``'s forward itself, not
+    inside one of its submodules (the innermost module call on the stack is ``host``'s)."""
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL:
+            return frame.f_locals.get("self") is host
+        frame = frame.f_back
+    return False
+
+
+def unwind(depth: int) -> None:
+    """Leave the function modes of op sites above ``depth`` on this thread's stack: those of
+    forwards that a `BaseException` (a ``stop_early`` stop, an interrupt) cut short, which
+    PyTorch's always-called hooks do not see."""
+    while torch._C._len_torch_function_stack() > depth:
+        top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
+        if not isinstance(top, _Mode):
+            return  # (someone else's: left as it is)
+        top.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+        stack = getattr(top.interceptor._modes, "stack", None)
+        if stack and top in stack:
+            stack.remove(top)
 
 
 class _Mode(TorchFunctionMode):
@@ -222,8 +260,7 @@ class _Mode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         name = op_name(func)
-        watched = self.interceptor.watched
-        if name not in watched:
+        if name not in self.interceptor.watched or not _called_by(self.interceptor.host):
             return func(*args, **kwargs)
         call = self.counts.get(name, 0)
         self.counts[name] = call + 1
@@ -263,6 +300,8 @@ class Interceptor:
 
     def register(self) -> None:
         host = self.host
+        LIVE[0] += 1
+        self.keys.append((host._forward_hooks, _NO_KEY))  # (undone by `remove` with LIVE)
         if self.watched or self.inputs:
             key = next(HOOK_KEYS)
             self.keys.append((host._forward_pre_hooks, key))
@@ -280,15 +319,14 @@ class Interceptor:
         host = self.host
         while self.keys:
             hooks, key = self.keys[-1]
-            hooks.pop(key, None)
-            host._forward_pre_hooks_with_kwargs.pop(key, None)
-            host._forward_hooks_always_called.pop(key, None)
+            if key == _NO_KEY:
+                LIVE[0] -= 1
+            else:
+                hooks.pop(key, None)
+                host._forward_pre_hooks_with_kwargs.pop(key, None)
+                host._forward_hooks_always_called.pop(key, None)
             self.keys.pop()
-        stack = getattr(self._modes, "stack", None)
-        while stack:  # (a forward cut short by an interrupt in this thread)
-            mode = stack.pop()
-            if mode is not None:
-                mode.__exit__(None, None, None)
+        self._modes.stack = []  # (modes of cut-short forwards: see `unwind`)
 
     # -- the hooks ---------------------------------------------------------------------
 
@@ -336,14 +374,45 @@ class Interceptor:
         if name == _SDPA and (self.operands or self.patterns):
             bound = _sdpa_arguments(args, kwargs)
             for probe in self.operands:
-                field = {"q": "query", "k": "key", "v": "value"}[probe.which]
-                bound[field] = probe(bound[field])
+                if probe.which != "q":
+                    field = "key" if probe.which == "k" else "value"
+                    bound[field] = probe(bound[field])
+            self._unpack(bound)
+            for probe in self.operands:
+                if probe.which == "q":
+                    bound["query"] = probe(bound["query"])
             if self.patterns:
                 func = lambda **kw: explicit_attention(**kw, pattern=self._pattern)  # noqa: E731
             args, kwargs = (), bound
         elif name == "softmax" and self.patterns and call == 0:
             return self._pattern(self._through_ops(name, call, func, args, kwargs))
         return self._through_ops(name, call, func, args, kwargs)
+
+    def _unpack(self, bound: dict[str, Any]) -> None:
+        """Undo transformers' packing of grouped-query heads for one query token: a query
+        ``[batch, kv heads, groups, d]`` (and a mask packed alike) becomes the query of every
+        head ``[batch, heads, 1, d]``, with the keys and values repeated to match. The call
+        computes the same; the sites see every head, as for longer queries."""
+        groups = getattr(self.host, "num_key_value_groups", 1)
+        heads = getattr(getattr(self.host, "config", None), "num_attention_heads", None)
+        query, key = bound["query"], bound["key"]
+        if not (
+            isinstance(groups, int)
+            and groups > 1
+            and query.dim() == 4
+            and query.size(1) * groups == heads
+            and query.size(1) == key.size(1)
+            and query.size(2) == groups
+            and not bound.get("enable_gqa", False)
+        ):
+            return
+        batch, kv_heads, _, width = query.shape
+        bound["query"] = query.reshape(batch, kv_heads * groups, 1, width)
+        bound["key"] = key.repeat_interleave(groups, dim=1)
+        bound["value"] = bound["value"].repeat_interleave(groups, dim=1)
+        mask = bound.get("attn_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 4 and mask.size(1) == kv_heads > 1:
+            bound["attn_mask"] = mask.reshape(mask.size(0), kv_heads * groups, 1, mask.size(-1))
 
     def _pattern(self, weights: Tensor) -> Tensor:
         for probe in self.patterns:  # (several keys may name the same pattern)

@@ -25,7 +25,7 @@ from typing_extensions import TypeAlias
 
 from ._compile import compiler_loaded, enclosing
 from ._components import component_grafts, looks_like_component
-from ._edits import Splice, SpliceFromInput
+from ._edits import Splice, Spliced, SpliceFromInput
 from ._errors import SpecError
 from ._gate import active_grafts
 from ._hook import CAPTURE, Hook, SpecValue, to_hook
@@ -215,13 +215,17 @@ def op_grafts(
 ) -> list[tuple[nn.Module, str, nn.Module]]:
     """The probes an op key (``"module:op"``) puts into the modules it names."""
     module_key, _, op = key.partition(":")
-    if op in ("q", "k", "v"):
-        make: Any = lambda: Operand(op)  # noqa: E731
-    elif op == "pattern":
-        make = Pattern
+    kind, _, index = op.partition(".")
+    if kind in ("q", "k", "v", "pattern"):
+        if index:
+            raise SpecError(
+                f"op site {key!r}: ':{kind}' is the attention's {kind}, one per call of the "
+                f"module; it takes no call index (write '{module_key}:{kind}')."
+            )
+        make: Any = Pattern if kind == "pattern" else lambda: Operand(kind)
     else:
-        name, index = parse_op(op, key)
-        make = lambda: OpSite(name, index)  # noqa: E731
+        name, number = parse_op(op, key)
+        make = lambda: OpSite(name, number)  # noqa: E731
     if not module_key:
         return [(names.root, ":" + op, make())]
     return [
@@ -250,11 +254,17 @@ def _grafts(
 ) -> list[tuple[nn.Module, str, nn.Module]]:
     """The modules this spec splices in, as ``(host, name, module)`` (see `Names`)."""
     grafts: list[tuple[nn.Module, str, nn.Module]] = []
+    probes: dict[tuple[int, str], nn.Module] = {}  # one probe per name, whatever keys name it
     for (key, _), hook in zip(items, hooks, strict=True):
+        found_probes: list[tuple[nn.Module, str, nn.Module]] = []
         if type(key) is str and ":" in key:
-            grafts.extend(op_grafts(model, names, prefix, key))
+            found_probes = op_grafts(model, names, prefix, key)
         elif type(key) is str and looks_like_component(key) and not _names_a_module(names, key):
-            grafts.extend(component_grafts(names.root, names, key))
+            found_probes = component_grafts(names.root, names, key)
+        for host, name, probe in found_probes:
+            if (id(host), name) not in probes:
+                probes[id(host), name] = probe
+                grafts.append((host, name, probe))
         edit = hook.edit
         if not isinstance(edit, Splice):
             continue
@@ -271,11 +281,22 @@ def _grafts(
                 f"{name!r}, so the spliced module's parts cannot be named "
                 f"'{found[0].name}.{name}...'; pass splice(..., name='another_name')."
             )
-        for *_, other in grafts:
-            if other is edit.spliced:
+        for other_host, other_name, other in [*grafts, *active_grafts()]:
+            if other is edit.spliced or (
+                isinstance(other, Spliced)
+                and other.module is edit.spliced.module
+                and next(other.module.children(), None) is not None
+            ):
                 raise SpecError(
-                    f"{edit!r} is spliced at two layers of one run; make one splice(...) "
-                    "per layer (each holds the sites of its own parts)."
+                    f"{edit!r} at {found[0].name!r}: this module is spliced at another layer "
+                    "of the run too, and its submodules, which are sites, would be both "
+                    "layers' at once; splice a copy (copy.deepcopy(module)) at each layer."
+                )
+            if other_host is host and other_name == name:
+                raise SpecError(
+                    f"{edit!r} at {found[0].name!r}: another splice named {name!r} is at this "
+                    "layer already (an enclosing spliced(...) block); name this one "
+                    "apart: splice(..., name='another_name')."
                 )
         edit.check_host(host, found[0].name)
         grafts.append((host, name, edit.spliced))

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from typing_extensions import Self
@@ -37,7 +38,7 @@ from ._gate import (
 )
 from ._hook import Hook, to_hook
 from ._hooks import Recorder
-from ._ops import PROBES, Interceptor
+from ._ops import LIVE, PROBES, Interceptor, unwind
 from ._parallel import ParallelContext
 from ._plan import Planned, Spec, make_plan
 
@@ -153,6 +154,7 @@ class TraceMultiple(Mapping[str, "Trace"]):
         self._grafts = plan.grafts
         self._probes = [(host, m) for host, _, m in plan.grafts if isinstance(m, PROBES)]
         self._interceptors: list[Interceptor] = []
+        self._depth: int | None = None  # the function mode stack's depth as the run opened
         self._stop_early = stop_early
         self._strict = strict
         self._guard: CompileGuard | None = None
@@ -223,6 +225,9 @@ class TraceMultiple(Mapping[str, "Trace"]):
                     self._guard.attach(token)
                 if self._grafts:
                     GRAFTS[token] = self._grafts
+                if self._probes or LIVE[0]:
+                    # (a forward cut short leaves op sites' modes on the stack: see `unwind`)
+                    self._depth = torch._C._len_torch_function_stack()
                 if self._probes:
                     self._intercept(token)
             self._reset = activate(token)
@@ -256,6 +261,9 @@ class TraceMultiple(Mapping[str, "Trace"]):
             if self._parallel is not None:
                 self._parallel.detach()
             GRAFTS.pop(token, None)
+            if self._depth is not None and LIVE[0]:
+                unwind(self._depth)
+                self._depth = None
             while self._interceptors:
                 self._interceptors[-1].remove()
                 self._interceptors.pop()

@@ -380,8 +380,11 @@ def test_layers_lists_op_sites_and_components() -> None:
     from hookfn import layers
 
     model = make("gpt2")
-    table = layers(model, inputs("gpt2"), "transformer.h.0.attn", ops=True)
-    rows = {info.name: info for info in table}
+    rows = {info.name: info for info in layers(model, inputs("gpt2"), ops=True)}
+    only = layers(model, inputs("gpt2"), "transformer.h.0.attn", ops=True).names
+    assert only[0] == "transformer.h.0.attn"
+    assert "transformer.h.0.attn:scaled_dot_product_attention" in only
+    assert all(name.startswith("transformer.h.0.attn:") for name in only[1:])  # its own ops
     sdpa = rows["transformer.h.0.attn:scaled_dot_product_attention"]
     assert (sdpa.type, sdpa.shape, sdpa.calls) == ("op", (2, 4, 6, 8), 1)
     assert rows["blocks.1.attn.hook_pattern"].shape == (2, 4, 6, 6)
@@ -526,3 +529,126 @@ def test_op_sites_and_components_on_a_compiled_model() -> None:
         _, through = run_with_hooks(compiled, batch, keys)  # hooked modules run eagerly
     for key in keys:
         torch.testing.assert_close(through[key].output, plain[key].output)
+
+
+# -- found by trying to break them -------------------------------------------------------------
+
+
+def test_grouped_query_heads_in_a_decode_step_are_every_head() -> None:
+    # transformers packs the one-token query of a grouped-query model into the key/value
+    # heads; the sites still see [batch, heads, 1, keys], equal to eager attention's.
+    model = make("llama")
+    batch = inputs("llama")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        first = model(ids, attention_mask=mask, use_cache=True)
+        step = first.logits[:, -1].argmax(-1, keepdim=True)
+        longer = torch.cat([mask, torch.ones_like(step)], 1)
+        cache = copy.deepcopy(first.past_key_values)
+        out, caches = run_with_hooks(
+            model,
+            {"input_ids": step, "attention_mask": longer, "past_key_values": cache},
+            ["blocks.0.attn.hook_pattern", "blocks.0.attn.hook_q"],
+        )
+        plain = model(
+            step, attention_mask=longer, past_key_values=copy.deepcopy(first.past_key_values)
+        )
+        eager = copy.deepcopy(model)
+        eager.config._attn_implementation = "eager"
+        want = eager(
+            step, attention_mask=longer, past_key_values=copy.deepcopy(first.past_key_values),
+            output_attentions=True,
+        ).attentions[0]  # fmt: skip
+    assert caches["blocks.0.attn.hook_q"].output.shape == (2, 4, 1, 8)
+    torch.testing.assert_close(caches["blocks.0.attn.hook_pattern"].output, want)
+    torch.testing.assert_close(out.logits, plain.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_float_mask_row_of_only_minus_infinity_gives_zero_weights_not_nan() -> None:
+    model = make("llama")
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.full((1, 1, 5, 5), float("-inf")).triu(1)
+    mask[0, 0, 0, :] = float("-inf")  # query 0 may see nothing
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+        out, caches = run_with_hooks(
+            model, {"input_ids": ids, "attention_mask": mask}, ["blocks.0.attn.hook_pattern"]
+        )
+    assert not plain.isnan().any()
+    torch.testing.assert_close(out.logits, plain, atol=1e-5, rtol=1e-5)
+    assert torch.equal(caches["blocks.0.attn.hook_pattern"].output[0, :, 0], torch.zeros(4, 5))
+
+
+def test_a_nested_run_stopped_early_leaves_no_function_mode() -> None:
+    from hookfn import TraceMultiple
+
+    model = make("gpt2", attn="eager")
+    ids = inputs("gpt2")["input_ids"]
+    with torch.no_grad(), TraceMultiple(model, {"transformer.h.0.attn:softmax": "capture"}) as tm:
+        run_with_hooks(model, ids, {"transformer.h.0.attn": "capture"}, stop_early=True)
+        assert torch._C._len_torch_function_stack() == 0
+        torch.softmax(torch.zeros(3), 0)  # outside the model: not a site's call
+        model(ids)
+    assert torch._C._len_torch_function_stack() == 0
+    # The softmax of the stopped forward (the attention ran before the stop) and of the last
+    # one; not the one called outside the model.
+    assert [tuple(t.shape) for t in tm["transformer.h.0.attn:softmax"].capture.outputs] == [
+        (2, 4, 6, 6),
+        (2, 4, 6, 6),
+    ]
+
+
+def test_an_op_site_counts_the_calls_its_module_makes_itself() -> None:
+    from hookfn import layers
+
+    model = make("gpt2")
+    ids = inputs("gpt2")["input_ids"]
+    listed = {row.name: row for row in layers(model, ids, "transformer.h.0", ops=True)}
+    with torch.no_grad():
+        _, caches = run_with_hooks(model, ids, ["transformer.h.0:add", "transformer.h.0:add.1"])
+        _, raw = raw_run(model, ids, capture=["transformer.h.0"])
+    adds = caches["transformer.h.0:add"].outputs  # the block's two residual additions
+    assert len(adds) == listed["transformer.h.0:add"].calls == 2
+    torch.testing.assert_close(adds[1], raw["transformer.h.0"])  # the second is the output
+    torch.testing.assert_close(caches["transformer.h.0:add.1"].output, raw["transformer.h.0"])
+
+
+def test_an_exact_op_key_or_component_wins_over_a_glob_of_the_same() -> None:
+    model = make("gpt2")
+    ids = inputs("gpt2")["input_ids"]
+    with torch.no_grad():
+        _, alone = run_with_hooks(model, ids, {"transformer.h.0.attn:pattern": ablate(1, dim=1)})
+        _, both = run_with_hooks(
+            model,
+            ids,
+            {
+                "transformer.h.*.attn:pattern": "capture",
+                "transformer.h.0.attn:pattern": ablate(1, dim=1),
+                "blocks.*.attn.hook_z": "capture",
+                "blocks.0.attn.hook_z": ablate(2, dim=-2),
+                "transformer.h.*": "capture",  # ('*' does not take an op site's ':')
+            },
+        )
+    pattern = both["transformer.h.0.attn:pattern"].output
+    assert torch.equal(pattern[:, 1], torch.zeros_like(pattern[:, 1]))
+    assert torch.equal(both["blocks.0.attn.hook_z"].output[:, :, 2], torch.zeros(2, 6, 8))
+    assert "transformer.h.1.attn:pattern" in both
+    assert not any(
+        name.startswith("transformer.h.") and ":" in name and "attn" not in name for name in both
+    )
+    torch.testing.assert_close(pattern, alone["transformer.h.0.attn:pattern"].output)
+
+
+def test_op_keys_of_the_attention_take_no_call_index_and_dunder_names_work() -> None:
+    model = make("gpt2", attn="eager")
+    ids = inputs("gpt2")["input_ids"]
+    with pytest.raises(SpecError, match="no call index"):
+        run_with_hooks(model, ids, ["transformer.h.0.attn:pattern.1"])
+    with torch.no_grad():
+        _, caches = run_with_hooks(model, ids, ["transformer.h.0.attn:__matmul__"])
+    assert caches["transformer.h.0.attn:__matmul__"].n_calls == 2  # scores, then weights @ v
+
+
+def test_components_of_a_wrapped_model() -> None:
+    model = make("gpt2")
+    assert components(nn.DataParallel(model)) == components(model)

@@ -655,7 +655,7 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(
     with pytest.raises(SpecError, match="one layer"):
         run_with_hooks(model, ids, {"transformer.h.*": splice(make_sae())})
     sae = splice(make_sae())
-    with pytest.raises(SpecError, match="two layers"):
+    with pytest.raises(SpecError, match="another layer"):
         run_with_hooks(model, ids, {"transformer.h.0": sae, "transformer.h.1": sae})
     with pytest.raises(SpecError, match="attribute 'attn'"):
         run_with_hooks(model, ids, {SITE: splice(make_sae(), name="attn")})
@@ -735,3 +735,34 @@ def test_kept_resolutions_and_splices(model: nn.Module, ids: Tensor) -> None:
     assert not grafted & set(outside)
     assert not grafted & set(after)
     torch.testing.assert_close(plain["transformer.h.1"].output, again["transformer.h.1"].output)
+
+
+def test_a_second_splice_at_a_layer_or_a_module_at_two_layers_is_refused(
+    model: nn.Module, ids: Tensor
+) -> None:
+    before = snapshot_hooks(model)
+    autoencoder = nn.Sequential(nn.Linear(WIDTH, 64), nn.ReLU(), nn.Linear(64, WIDTH))
+    with spliced(model, {SITE: make_sae(seed=1)}):
+        with pytest.raises(SpecError, match="another splice named 'sae'"):
+            run_with_hooks(model, ids, {SITE: splice(make_sae(seed=2))})
+        _, caches = run_with_hooks(  # named apart, both are there
+            model,
+            ids,
+            {SITE: splice(make_sae(seed=2), name="inner"), f"{SITE}.inner.latents": "capture"},
+        )
+    assert caches[f"{SITE}.inner.latents"].output.shape == (2, 7, D_SAE)
+    with pytest.raises(SpecError, match="copy"):  # its submodules would be two layers' sites
+        run_with_hooks(
+            model,
+            ids,
+            {"transformer.h.0": splice(autoencoder), "transformer.h.1": splice(autoencoder)},
+        )
+    run_with_hooks(  # a copy at each layer is fine
+        model,
+        ids,
+        {
+            "transformer.h.0": splice(autoencoder),
+            "transformer.h.1": splice(copy.deepcopy(autoencoder)),
+        },
+    )
+    assert snapshot_hooks(model) == before
