@@ -152,7 +152,7 @@ def _one(name: str, what: str, values: tuple[Any, ...], plural: str, hint: str) 
     if len(values) == 1:
         return values[0]
     if not values:
-        raise CaptureError(f"layer {name!r} recorded no {what}: {hint}")
+        raise CaptureError(f"layer {name!r} recorded no {what}: {_op_hint(name, hint)}")
     raise CaptureError(
         f"layer {name!r} was called {len(values)} times in this run, so its {what} is "
         f"ambiguous; use .{plural}[i] for call i (e.g. .{plural}[-1] for the last) or "
@@ -325,7 +325,9 @@ class Capture:
 
     def _calls(self, what: str, values: tuple[Any, ...], hint: str) -> tuple[Tensor, ...]:
         if not values:
-            raise CaptureError(f"layer {self.name!r} recorded no {what}: {hint}")
+            raise CaptureError(
+                f"layer {self.name!r} recorded no {what}: {_op_hint(self.name, hint)}"
+            )
         return tuple(_primary_of(self.name, what, v) for v in values)
 
     def _joined(self, what: str, values: tuple[Any, ...], dim: int, hint: str) -> Tensor:
@@ -411,6 +413,18 @@ _NO_INPUT = (
     "either its input was not captured (pass retain_input=True / Hook(input=True)) or the "
     "module was not called during the run."
 )
+
+
+def _op_hint(name: str, hint: str) -> str:
+    if ":" not in name:
+        return hint
+    return (
+        f"{hint} An op site records the calls its module makes itself: list them with "
+        "hookfn.layers(model, inputs, ops=True) (':q', ':k', ':v' and ':pattern' read an "
+        "attention's scaled_dot_product_attention or softmax call)."
+    )
+
+
 _NO_GRAD = (
     "no gradient was recorded; ask for it with Hook(grad=True) and run a backward pass "
     "through the layer's output (e.g. run_with_hooks(..., backward=metric))."

@@ -652,3 +652,13 @@ def test_op_keys_of_the_attention_take_no_call_index_and_dunder_names_work() -> 
 def test_components_of_a_wrapped_model() -> None:
     model = make("gpt2")
     assert components(nn.DataParallel(model)) == components(model)
+
+
+def test_an_op_site_its_module_never_calls_says_so() -> None:
+    from hookfn import CaptureError
+
+    model = make("gpt2")
+    with torch.no_grad():
+        _, caches = run_with_hooks(model, inputs("gpt2"), ["transformer.h.0.mlp:q"])
+    with pytest.raises(CaptureError, match=r"ops=True"):
+        caches["transformer.h.0.mlp:q"].output  # noqa: B018
