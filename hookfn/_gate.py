@@ -12,13 +12,15 @@ import contextlib
 import contextvars
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 __all__ = [
     "ACTIVE",
+    "BEFORE_STOP",
+    "DEFERRAL",
     "GRAFTS",
     "HOOK_KEYS",
     "IN_BACKWARD",
@@ -165,16 +167,42 @@ class StopForward(BaseException):
         self.token = token
 
 
+# Called with the torch function mode stack's depth at a run's start, right before its stop
+# cuts its forward short: op sites' modes above it are left there (see `hookfn._ops.unwind`),
+# before the stop passes through code that leaves modes of its own.
+BEFORE_STOP: list[Callable[[int], None]] = []
+
+
 class Stopper:
     """Counts the sites that still have to record their first call (``stop_early``)."""
 
-    __slots__ = ("pending", "token")
+    __slots__ = ("depth", "pending", "token")
 
     def __init__(self, token: object, sites: int) -> None:
         self.token = token
         self.pending = sites
+        self.depth = torch._C._len_torch_function_stack()
 
     def site_done(self) -> None:
         self.pending -= 1
         if self.pending == 0:
-            raise StopForward(self.token)
+            stop = StopForward(self.token)
+            if DEFERRAL.depth:
+                DEFERRAL.stops.append((stop, self.depth))
+                return
+            for before in BEFORE_STOP:
+                before(self.depth)
+            raise stop
+
+
+class _Deferral(threading.local):
+    """Stops raised where they cannot pass yet: inside an op site's function mode handler
+    (PyTorch pushes the mode back as an exception leaves it, so a stop raised there would
+    leave the mode on the stack). The host module's forward hook raises them."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.stops: list[tuple[StopForward, int]] = []
+
+
+DEFERRAL = _Deferral()

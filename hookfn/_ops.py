@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._capture import Args, primary
 from ._errors import EditError, SpecError
-from ._gate import ACTIVE, HOOK_KEYS
+from ._gate import ACTIVE, BEFORE_STOP, DEFERRAL, HOOK_KEYS
 from ._values import replace_primary
 
 __all__ = [
@@ -63,13 +63,14 @@ def op_name(func: Callable[..., Any]) -> str:
     """The name an op site uses for a torch function: ``softmax`` for ``torch.softmax``,
     ``F.softmax`` and ``Tensor.softmax``; ``matmul`` for ``@`` too."""
     name = getattr(func, "__name__", "")
-    return name.strip("_")
+    return name[2:-2] if name.startswith("__") and name.endswith("__") else name
 
 
 def parse_op(text: str, key: str) -> tuple[str, int | None]:
     """``"softmax"`` -> ("softmax", None); ``"matmul.1"`` -> ("matmul", 1)."""
     name, _, index = text.partition(".")
-    name = name.strip("_")  # (``__matmul__`` is ``matmul``, as `op_name` reports it)
+    if name.startswith("__") and name.endswith("__"):  # (``__matmul__`` is ``matmul``)
+        name = name[2:-2]
     name = _ALIASES.get(name, name)
     if not name.isidentifier() or (index and not index.isdigit()):
         raise SpecError(
@@ -181,6 +182,8 @@ def explicit_attention(
         key = key.repeat_interleave(groups, dim=-3)
         value = value.repeat_interleave(groups, dim=-3)
     scores = (query @ key.transpose(-2, -1)) * scale
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()  # (the mask and the softmax in float32, as eager attention)
     blocked = None  # True where a query may not see a key (broadcasts with the scores)
     if is_causal:
         blocked = ~torch.ones(n_query, n_key, dtype=torch.bool, device=query.device).tril()
@@ -188,7 +191,7 @@ def explicit_attention(
         if attn_mask.dtype == torch.bool:
             masked = ~attn_mask
         else:
-            scores = scores + attn_mask
+            scores = scores + attn_mask.to(scores.dtype)
             masked = torch.isneginf(attn_mask)
         blocked = masked if blocked is None else masked | blocked
     if blocked is None:
@@ -199,6 +202,7 @@ def explicit_attention(
         empty = blocked.all(dim=-1, keepdim=True)
         scores = scores.masked_fill(blocked, float("-inf")).masked_fill(empty, 0.0)
         weights = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+    weights = weights.to(value.dtype)
     weights = pattern(weights)
     if dropout_p > 0.0:
         weights = F.dropout(weights, dropout_p)
@@ -242,6 +246,9 @@ def unwind(depth: int) -> None:
             stack.remove(top)
 
 
+BEFORE_STOP.append(unwind)
+
+
 class _Mode(TorchFunctionMode):
     """The function mode of one call of a host module: routes the calls of the ops its
     interceptor watches through their probes."""
@@ -260,11 +267,20 @@ class _Mode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         name = op_name(func)
-        if name not in self.interceptor.watched or not _called_by(self.interceptor.host):
+        interceptor = self.interceptor
+        if (
+            name not in interceptor.watched
+            or interceptor._modes.stack[-1] is not self  # (a call of the host inside it)
+            or not _called_by(interceptor.host)
+        ):
             return func(*args, **kwargs)
         call = self.counts.get(name, 0)
         self.counts[name] = call + 1
-        return self.interceptor.route(name, call, func, args, kwargs)
+        DEFERRAL.depth += 1
+        try:
+            return interceptor.route(name, call, func, args, kwargs)
+        finally:
+            DEFERRAL.depth -= 1
 
 
 class Interceptor:
@@ -302,13 +318,17 @@ class Interceptor:
         host = self.host
         LIVE[0] += 1
         self.keys.append((host._forward_hooks, _NO_KEY))  # (undone by `remove` with LIVE)
-        if self.watched or self.inputs:
+        if self.inputs:  # the values at the input: before the module's other pre-hooks
             key = next(HOOK_KEYS)
             self.keys.append((host._forward_pre_hooks, key))
             host._forward_pre_hooks_with_kwargs[key] = True
-            host._forward_pre_hooks[key] = self._enter
+            host._forward_pre_hooks[key] = self._insert_inputs
             _first(host._forward_pre_hooks, key)
-        if self.watched or self.outputs:
+        if self.watched:  # the mode: after them, so that only the forward's calls count
+            key = next(HOOK_KEYS)
+            self.keys.append((host._forward_pre_hooks, key))
+            host._forward_pre_hooks[key] = self._enter
+        if self.watched or self.outputs:  # left before the module's other forward hooks
             key = next(HOOK_KEYS)
             self.keys.append((host._forward_hooks, key))
             host._forward_hooks_always_called[key] = True
@@ -330,17 +350,17 @@ class Interceptor:
 
     # -- the hooks ---------------------------------------------------------------------
 
-    def _enter(self, module: nn.Module, args: Any, kwargs: Any = None) -> Any:
-        active = self.token in ACTIVE.get()
-        if self.watched:
-            stack = getattr(self._modes, "stack", None)
-            if stack is None:
-                stack = self._modes.stack = []
-            mode = _Mode(self) if active else None
-            stack.append(mode)
-            if mode is not None:
-                mode.__enter__()  # type: ignore[no-untyped-call]
-        if not (active and self.inputs):
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        stack = getattr(self._modes, "stack", None)
+        if stack is None:
+            stack = self._modes.stack = []
+        mode = _Mode(self) if self.token in ACTIVE.get() else None
+        stack.append(mode)
+        if mode is not None:
+            mode.__enter__()  # type: ignore[no-untyped-call]
+
+    def _insert_inputs(self, module: nn.Module, args: Any, kwargs: Any = None) -> Any:
+        if self.token not in ACTIVE.get():
             return None
         value = Args._of(args, kwargs or {})
         x = primary(value)
@@ -357,6 +377,11 @@ class Interceptor:
             mode = stack.pop() if stack else None
             if mode is not None:
                 mode.__exit__(None, None, None)
+            if DEFERRAL.stops and not DEFERRAL.depth:  # a stop_early stop from an op site
+                stop, depth = DEFERRAL.stops.pop()
+                DEFERRAL.stops.clear()
+                unwind(depth)
+                raise stop
         if not (self.outputs and self.token in ACTIVE.get()):
             return None
         x = primary(output)
@@ -373,14 +398,10 @@ class Interceptor:
     ) -> Any:
         if name == _SDPA and (self.operands or self.patterns):
             bound = _sdpa_arguments(args, kwargs)
+            self._as_heads(bound)
             for probe in self.operands:
-                if probe.which != "q":
-                    field = "key" if probe.which == "k" else "value"
-                    bound[field] = probe(bound[field])
-            self._unpack(bound)
-            for probe in self.operands:
-                if probe.which == "q":
-                    bound["query"] = probe(bound["query"])
+                field = {"q": "query", "k": "key", "v": "value"}[probe.which]
+                bound[field] = probe(bound[field])
             if self.patterns:
                 func = lambda **kw: explicit_attention(**kw, pattern=self._pattern)  # noqa: E731
             args, kwargs = (), bound
@@ -388,31 +409,37 @@ class Interceptor:
             return self._pattern(self._through_ops(name, call, func, args, kwargs))
         return self._through_ops(name, call, func, args, kwargs)
 
-    def _unpack(self, bound: dict[str, Any]) -> None:
-        """Undo transformers' packing of grouped-query heads for one query token: a query
-        ``[batch, kv heads, groups, d]`` (and a mask packed alike) becomes the query of every
-        head ``[batch, heads, 1, d]``, with the keys and values repeated to match. The call
-        computes the same; the sites see every head, as for longer queries."""
+    def _as_heads(self, bound: dict[str, Any]) -> None:
+        """The arguments of a grouped-query attention in one layout, whatever transformers
+        chose for the call: the query of every head ``[batch, heads, L, d]``, the keys and
+        values of the key/value heads ``[batch, kv heads, S, d]`` (``enable_gqa``).
+
+        transformers passes the keys and values repeated to every head for longer queries
+        with a mask, packs a one-token query into the key/value heads (``[batch, kv heads,
+        groups, d]``, and its mask alike), or passes ``enable_gqa``; the three compute the
+        same as this layout, which the sites see in every step."""
         groups = getattr(self.host, "num_key_value_groups", 1)
         heads = getattr(getattr(self.host, "config", None), "num_attention_heads", None)
         query, key = bound["query"], bound["key"]
-        if not (
-            isinstance(groups, int)
-            and groups > 1
-            and query.dim() == 4
-            and query.size(1) * groups == heads
-            and query.size(1) == key.size(1)
-            and query.size(2) == groups
-            and not bound.get("enable_gqa", False)
-        ):
+        if not (isinstance(groups, int) and groups > 1 and isinstance(heads, int)):
             return
-        batch, kv_heads, _, width = query.shape
-        bound["query"] = query.reshape(batch, kv_heads * groups, 1, width)
-        bound["key"] = key.repeat_interleave(groups, dim=1)
-        bound["value"] = bound["value"].repeat_interleave(groups, dim=1)
-        mask = bound.get("attn_mask")
-        if isinstance(mask, Tensor) and mask.dim() == 4 and mask.size(1) == kv_heads > 1:
-            bound["attn_mask"] = mask.reshape(mask.size(0), kv_heads * groups, 1, mask.size(-1))
+        if query.dim() != 4 or key.dim() != 4 or heads % groups:
+            return
+        if bound.get("enable_gqa", False):
+            return
+        kv_heads = heads // groups
+        if query.size(1) == kv_heads and key.size(1) == kv_heads and query.size(2) == groups:
+            batch, _, _, width = query.shape  # packed: one token of every head
+            bound["query"] = query.reshape(batch, heads, 1, width)
+            mask = bound.get("attn_mask")
+            if isinstance(mask, Tensor) and mask.dim() == 4 and mask.size(1) == kv_heads > 1:
+                bound["attn_mask"] = mask.reshape(mask.size(0), heads, 1, mask.size(-1))
+        elif query.size(1) == heads and key.size(1) == heads:  # repeated to every head
+            bound["key"] = key[:, ::groups]
+            bound["value"] = bound["value"][:, ::groups]
+        else:
+            return
+        bound["enable_gqa"] = True
 
     def _pattern(self, weights: Tensor) -> Tensor:
         for probe in self.patterns:  # (several keys may name the same pattern)

@@ -29,7 +29,17 @@ from ._edits import Splice, Spliced, SpliceFromInput
 from ._errors import SpecError
 from ._gate import active_grafts
 from ._hook import CAPTURE, Hook, SpecValue, to_hook
-from ._keys import Names, glob_regex, is_glob, path_to, resolve_key, submodule, unwrap
+from ._keys import (
+    Names,
+    Resolved,
+    glob_regex,
+    is_glob,
+    path_to,
+    resolve_key,
+    strip_prefix,
+    submodule,
+    unwrap,
+)
 from ._ops import Operand, OpSite, Pattern, parse_op
 from ._site import Site
 
@@ -145,7 +155,8 @@ def _resolve(
         to_hook(value, key if isinstance(key, str) else type(key).__name__) for key, value in items
     ]
     plain = Names(inner)
-    own = _grafts(model, plain, prefix, items, hooks)
+    op_sites: dict[int, list[nn.Module]] = {}
+    own = _grafts(model, plain, prefix, items, hooks, op_sites)
     active = [graft for graft in active_grafts() if all(graft[2] is not g[2] for g in own)]
     names = plain.with_grafts(own + active)
     # id(module) -> (name, module, order, explicit, hook, key, position of the key)
@@ -159,7 +170,17 @@ def _resolve(
             keep = False
         elif is_glob(key):
             globbed = True
-        for found in resolve_key(model, names, prefix, key):
+        if position in op_sites:  # (its probes, made for it: a glob over the module key)
+            explicit = not is_glob(str(key).partition(":")[0])
+            user_prefix = strip_prefix(str(key), prefix)[0]  # (as the user wrote the key)
+            resolved: Any = [
+                Resolved(user_prefix + place[1], probe, place[0], explicit)
+                for probe in op_sites[position]
+                if (place := names.find(probe)) is not None
+            ]
+        else:
+            resolved = resolve_key(model, names, prefix, key)
+        for found in resolved:
             previous = chosen.get(id(found.module))
             if previous is not None:
                 if previous[3] == found.explicit:
@@ -245,26 +266,47 @@ def _apart(keys: tuple[object, ...], grafts: list[tuple[nn.Module, str, nn.Modul
     return True
 
 
+def _probe_site(name: str, probe: nn.Module) -> str:
+    """What a probe reads, whatever the spelling (``:sdpa`` and
+    ``:scaled_dot_product_attention`` are one site)."""
+    if isinstance(probe, OpSite):
+        return f":{probe.op}.{probe.index}"
+    return f":{type(probe).__name__}.{getattr(probe, 'which', '')}" if name[:1] == ":" else name
+
+
 def _grafts(
     model: nn.Module,
     names: Names,
     prefix: str,
     items: list[tuple[object, object]],
     hooks: list[Hook],
+    op_sites: dict[int, list[nn.Module]] | None = None,
 ) -> list[tuple[nn.Module, str, nn.Module]]:
-    """The modules this spec splices in, as ``(host, name, module)`` (see `Names`)."""
+    """The modules this spec splices in, as ``(host, name, module)`` (see `Names`); the
+    probes each op key names go into ``op_sites`` by the key's position."""
     grafts: list[tuple[nn.Module, str, nn.Module]] = []
-    probes: dict[tuple[int, str], nn.Module] = {}  # one probe per name, whatever keys name it
-    for (key, _), hook in zip(items, hooks, strict=True):
+    # One probe per site, whatever keys (a glob and an exact key) name it.
+    probes: dict[tuple[int, str], tuple[str, nn.Module]] = {}
+    for position, ((key, _), hook) in enumerate(zip(items, hooks, strict=True)):
         found_probes: list[tuple[nn.Module, str, nn.Module]] = []
         if type(key) is str and ":" in key:
             found_probes = op_grafts(model, names, prefix, key)
         elif type(key) is str and looks_like_component(key) and not _names_a_module(names, key):
             found_probes = component_grafts(names.root, names, key)
         for host, name, probe in found_probes:
-            if (id(host), name) not in probes:
-                probes[id(host), name] = probe
+            site = (id(host), _probe_site(name, probe))
+            if site in probes:
+                if probes[site][0] != name:
+                    raise SpecError(
+                        f"{_key_label(key)} names an op site another key names as "
+                        f"{probes[site][0]!r}: the same calls under two spellings; use one."
+                    )
+                probe = probes[site][1]
+            else:
+                probes[site] = (name, probe)
                 grafts.append((host, name, probe))
+            if op_sites is not None and ":" in str(key):
+                op_sites.setdefault(position, []).append(probe)
         edit = hook.edit
         if not isinstance(edit, Splice):
             continue

@@ -27,6 +27,7 @@ from ._edits import EditLike, Splice, splice
 from ._edits._cache import Captures
 from ._errors import CaptureError, EditError, HookfnError, NotCalledWarning, SpecError
 from ._gate import (
+    DEFERRAL,
     GRAFTS,
     IN_BACKWARD,
     REGISTRY,
@@ -264,6 +265,8 @@ class TraceMultiple(Mapping[str, "Trace"]):
             if self._depth is not None and LIVE[0]:
                 unwind(self._depth)
                 self._depth = None
+            if DEFERRAL.stops:  # (a stop of this run's op site that no forward hook raised)
+                DEFERRAL.stops[:] = [s for s in DEFERRAL.stops if s[0].token is not token]
             while self._interceptors:
                 self._interceptors[-1].remove()
                 self._interceptors.pop()

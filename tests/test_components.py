@@ -19,6 +19,7 @@ from reference import raw_run
 from torch import Tensor, nn
 
 from hookfn import (
+    Args,
     Hook,
     LayerNotFoundError,
     SpecError,
@@ -662,3 +663,127 @@ def test_an_op_site_its_module_never_calls_says_so() -> None:
         _, caches = run_with_hooks(model, inputs("gpt2"), ["transformer.h.0.mlp:q"])
     with pytest.raises(CaptureError, match=r"ops=True"):
         caches["transformer.h.0.mlp:q"].output  # noqa: B018
+
+
+class Recursive(nn.Module):
+    """Adds 1, calls itself ``depth`` times, then doubles: each call makes one add."""
+
+    def forward(self, x: Tensor, depth: int) -> Tensor:
+        y = torch.add(x, 1)
+        if depth:
+            y = self(y, depth - 1)
+        return torch.mul(y, 2)
+
+
+def test_op_sites_in_a_recursive_module_count_each_call_on_its_own() -> None:
+    model = nn.Sequential()
+    model.add_module("r", Recursive())
+    x = torch.zeros(1)
+
+    def run(spec: dict[str, Any]) -> Tensor:
+        out, _ = run_with_hooks(
+            model, Args(x, depth=1), spec, forward=lambda x, depth: model.r(x, depth)
+        )
+        return out  # type: ignore[no-any-return]
+
+    # By hand: ((0 + 1 + 10) + 1 + 10) * 2 * 2 with every add edited; no call makes a second add.
+    assert run({"r:add": add(10.0)}).item() == ((0 + 1 + 10) + 1 + 10) * 4
+    with pytest.warns(Warning, match="never called"):
+        assert run({"r:add.1": add(10.0)}).item() == ((0 + 1) + 1) * 4
+
+
+def test_the_modules_own_hooks_are_not_its_forwards_calls() -> None:
+    model = make("gpt2")
+    ids = inputs("gpt2")["input_ids"]
+    with torch.no_grad():
+        _, alone = run_with_hooks(model, ids, ["transformer.h.0:add.0"])
+        _, beside = run_with_hooks(
+            model,
+            ids,
+            {
+                "transformer.h.0": Hook(edit_input=add(0.0), output=False),
+                "transformer.h.0:add.0": "capture",
+            },
+        )
+    torch.testing.assert_close(
+        beside["transformer.h.0:add.0"].output, alone["transformer.h.0:add.0"].output
+    )
+
+
+def test_a_double_star_op_key_reaches_every_module_below() -> None:
+    model = make("gpt2", attn="eager")
+    ids = inputs("gpt2")["input_ids"]
+    with torch.no_grad():  # (most modules below call no softmax: they record nothing)
+        _, caches = run_with_hooks(model, ids, {"transformer.**:softmax": "capture"})
+    called = [name for name, capture in caches.items() if capture.n_calls]
+    assert called == ["transformer.h.0.attn:softmax", "transformer.h.1.attn:softmax"]
+
+
+def test_a_stop_inside_a_users_function_mode_leaves_the_users_mode_alone() -> None:
+    from torch.overrides import TorchFunctionMode
+
+    from hookfn import TraceMultiple
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            return func(*args, **(kwargs or {}))
+
+    model = make("gpt2", attn="eager")
+    ids = inputs("gpt2")["input_ids"]
+    spec = {"transformer.h.0.attn:softmax": "capture"}
+    with torch.no_grad(), TraceMultiple(model, spec, stop_early=True) as tm, Count():
+        model(ids)  # the stop ends the block inside the user's mode
+    assert torch._C._len_torch_function_stack() == 0
+    assert tm["transformer.h.0.attn:softmax"].capture.output.shape == (2, 4, 6, 6)
+
+
+def test_two_spellings_of_one_op_site_are_refused_and_in_place_ops_are_their_own() -> None:
+    model = make("gpt2")
+    ids = inputs("gpt2")["input_ids"]
+    with pytest.raises(SpecError, match="two spellings"):
+        run_with_hooks(
+            model,
+            ids,
+            ["transformer.h.0.attn:sdpa", "transformer.h.0.attn:scaled_dot_product_attention"],
+        )
+    from hookfn._ops import op_name
+
+    assert (op_name(torch.Tensor.add_), op_name(torch.Tensor.__matmul__)) == ("add_", "matmul")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_written_out_attention_matches_sdpa_in_low_precision(dtype: torch.dtype) -> None:
+    from hookfn._ops import explicit_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=generator).to(dtype) for _ in range(3))
+    mask = torch.zeros(2, 1, 5, 5)  # float32 beside low-precision values, as a user may pass
+    mask[1, :, :, :2] = torch.finfo(torch.float32).min
+    mask[0, :, 0, :] = torch.finfo(torch.float32).min  # a row that sees nothing
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(dtype))
+    got = explicit_attention(q, k, v, attn_mask=mask, pattern=lambda w: w)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got[:, :, 1:], want[:, :, 1:], atol=2e-2, rtol=2e-2)
+
+
+def test_keys_and_values_of_a_grouped_query_model_are_its_key_value_heads_in_every_step() -> None:
+    model = make("llama")
+    batch = inputs("llama")
+    with torch.no_grad():
+        _, caches = run_with_hooks(
+            model,
+            Args(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2,
+                 do_sample=False, pad_token_id=0),
+            ["blocks.0.attn.hook_k", "blocks.0.attn.hook_q"],
+            forward=model.generate,
+        )  # fmt: skip
+    assert [tuple(t.shape) for t in caches["blocks.0.attn.hook_k"].outputs] == [
+        (2, 2, 6, 8),
+        (2, 2, 7, 8),
+    ]
+    assert [tuple(t.shape)[:3] for t in caches["blocks.0.attn.hook_q"].outputs] == [
+        (2, 4, 6),
+        (2, 4, 1),
+    ]
