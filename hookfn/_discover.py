@@ -268,9 +268,8 @@ _LAYOUT = frozenset(
 class _OpRecorder(TorchFunctionMode):
     """Records, for the innermost module running, the torch functions it calls."""
 
-    def __init__(self, names: dict[int, str]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.names = names
         self.stack: list[tuple[str, dict[str, int]]] = []
         self.found: dict[tuple[str, str], list[Any]] = {}  # -> [calls, first result shape]
 
@@ -300,7 +299,7 @@ def _with_ops(
 ) -> LayerTable:
     inner, prefix = unwrap(model)
     names = {id(m): prefix + n for n, m in inner.named_modules() if n}
-    recorder = _OpRecorder(names)
+    recorder = _OpRecorder()
 
     def enter(module: nn.Module, args: Any) -> None:
         name = names.get(id(module))

@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 # Names users write for functions torch reports under another name.
-_ALIASES = {"sdpa": "scaled_dot_product_attention", "bmm": "bmm"}
+_ALIASES = {"sdpa": "scaled_dot_product_attention"}
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -286,9 +286,8 @@ class _Mode(TorchFunctionMode):
 class Interceptor:
     """The op sites and probes of one host module for one run (see the module docstring)."""
 
-    def __init__(self, host: nn.Module, name: str, token: object) -> None:
+    def __init__(self, host: nn.Module, token: object) -> None:
         self.host = host
-        self.name = name
         self.token = token
         self.ops: list[OpSite] = []
         self.patterns: list[Pattern] = []

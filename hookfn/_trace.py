@@ -243,7 +243,7 @@ class TraceMultiple(Mapping[str, "Trace"]):
         for host, probe in self._probes:
             interceptor = by_host.get(id(host))
             if interceptor is None:
-                interceptor = by_host[id(host)] = Interceptor(host, type(host).__name__, token)
+                interceptor = by_host[id(host)] = Interceptor(host, token)
             interceptor.add(probe)
         for interceptor in by_host.values():
             self._interceptors.append(interceptor)

@@ -3,6 +3,7 @@ whose parts are sites of the run it is in."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, ClassVar
 
 import torch
@@ -70,7 +71,7 @@ class Spliced(nn.Module):
                 if edited is codes:
                     clean = decoded
                 else:
-                    with torch.no_grad() if self.freeze_error else _nothing():
+                    with torch.no_grad() if self.freeze_error else nullcontext():
                         clean = module.decode(codes)
         else:
             # A module that only has a forward: its latents are one of its submodules, so
@@ -78,7 +79,7 @@ class Spliced(nn.Module):
             # hooks acting.
             decoded = _primary(module(source))
             if self.error_term:
-                with suspended(), torch.no_grad() if self.freeze_error else _nothing():
+                with suspended(), torch.no_grad() if self.freeze_error else nullcontext():
                     clean = _primary(module(source))
         reconstruction = self.reconstruction(decoded)
         if not self.error_term:
@@ -90,14 +91,6 @@ class Spliced(nn.Module):
 
     def extra_repr(self) -> str:
         return f"error={self.error_term}, freeze_error={self.freeze_error}"
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _primary(value: Any) -> Tensor:
