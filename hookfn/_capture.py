@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,7 +14,6 @@ from ._errors import CaptureError
 __all__ = [
     "Args",
     "Capture",
-    "make_capture",
     "primary",
 ]
 
@@ -170,7 +168,6 @@ def _primary_of(name: str, what: str, value: object) -> Tensor:
     return tensor
 
 
-@dataclass(frozen=True, slots=True, eq=False)
 class Capture:
     """What one layer recorded during a run: one entry per call of the module.
 
@@ -182,7 +179,7 @@ class Capture:
     their tensors are equal (`torch.equal`); like the tensors they hold, they are not
     hashable.
 
-    Attributes:
+    Args:
         name: The layer name.
         raw_outputs: What the module returned in each call (after the edit, if any).
         raw_inputs: The arguments of each call (after the input edit, if any).
@@ -198,13 +195,51 @@ class Capture:
         (torch.Size([2, 3]), 1)
     """
 
-    name: str
-    raw_outputs: tuple[Any, ...] = ()
-    raw_inputs: tuple[Args, ...] = ()
-    grad_outputs: tuple[Tensor | None, ...] = ()
-    grad_inputs: tuple[Tensor | None, ...] = ()
-    # Which leaves are pytree children, for a capture rebuilt by `_unflatten` (see there).
-    _layout: Any = field(default=None, init=False, repr=False, compare=False)
+    # A plain class whose fields are read-only properties over private slots, not a frozen
+    # dataclass: every run makes one per hooked layer, and a frozen dataclass can only set
+    # its fields through object.__setattr__, which costs several times these assignments.
+    __slots__ = ("_grad_inputs", "_grad_outputs", "_layout", "_name", "_raw_inputs", "_raw_outputs")
+
+    def __init__(
+        self,
+        name: str,
+        raw_outputs: tuple[Any, ...] = (),
+        raw_inputs: tuple[Args, ...] = (),
+        grad_outputs: tuple[Tensor | None, ...] = (),
+        grad_inputs: tuple[Tensor | None, ...] = (),
+    ) -> None:
+        self._name = name
+        self._raw_outputs = raw_outputs
+        self._raw_inputs = raw_inputs
+        self._grad_outputs = grad_outputs
+        self._grad_inputs = grad_inputs
+        # Which leaves are pytree children, for a capture rebuilt by `_unflatten` (see there).
+        self._layout: Any = None
+
+    @property
+    def name(self) -> str:
+        """The layer name."""
+        return self._name
+
+    @property
+    def raw_outputs(self) -> tuple[Any, ...]:
+        """What the module returned in each call (after the edit, if any)."""
+        return self._raw_outputs
+
+    @property
+    def raw_inputs(self) -> tuple[Args, ...]:
+        """The arguments of each call (after the input edit, if any)."""
+        return self._raw_inputs
+
+    @property
+    def grad_outputs(self) -> tuple[Tensor | None, ...]:
+        """The gradient with respect to each call's primary output tensor."""
+        return self._grad_outputs
+
+    @property
+    def grad_inputs(self) -> tuple[Tensor | None, ...]:
+        """The gradient with respect to each call's primary input tensor."""
+        return self._grad_inputs
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -379,32 +414,6 @@ class Capture:
         return f"Capture({', '.join(parts)})"
 
 
-_SET_FIELDS = tuple(
-    Capture.__dict__[name].__set__
-    for name in ("name", "raw_outputs", "raw_inputs", "grad_outputs", "grad_inputs", "_layout")
-)
-
-
-def make_capture(
-    name: str,
-    raw_outputs: tuple[Any, ...],
-    raw_inputs: tuple[Args, ...],
-    grad_outputs: tuple[Tensor | None, ...],
-    grad_inputs: tuple[Tensor | None, ...],
-) -> Capture:
-    """``Capture(...)`` without the frozen dataclass's ``__init__``: one per hooked layer per
-    run, so it is built by setting its slots directly."""
-    capture = object.__new__(Capture)
-    set_name, set_outputs, set_inputs, set_grad_outputs, set_grad_inputs, set_layout = _SET_FIELDS
-    set_name(capture, name)
-    set_outputs(capture, raw_outputs)
-    set_inputs(capture, raw_inputs)
-    set_grad_outputs(capture, grad_outputs)
-    set_grad_inputs(capture, grad_inputs)
-    set_layout(capture, None)
-    return capture
-
-
 _NO_OUTPUT = (
     "either its output was not captured (pass retain_output=True / Hook(output=True)) or the "
     "module was not called during the run."
@@ -478,7 +487,7 @@ def _unflatten(children: Any, context: Any) -> Capture:
     capture = Capture(
         name, tuple(raw_outputs), tuple(raw_inputs), tuple(grad_outputs), tuple(grad_inputs)
     )
-    object.__setattr__(capture, "_layout", (spec, tuple(o is _TENSOR_SLOT for o in others)))
+    capture._layout = (spec, tuple(o is _TENSOR_SLOT for o in others))
     return capture
 
 

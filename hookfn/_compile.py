@@ -92,6 +92,8 @@ def eager_callable(model: nn.Module) -> tuple[Callable[..., Any], nn.Module | No
     parameters); a module compiled in place is called through its eager ``_call_impl``, which
     runs its hooks and its ``forward`` exactly as ``module(...)`` would without compilation.
     """
+    if _optimized_module() is None:  # torch.compile not loaded: nothing is compiled
+        return model, None
     inner = _strip_wrappers(model)
     if is_compiled_in_place(inner):
         return inner._call_impl, inner

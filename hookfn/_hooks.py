@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.autograd.graph import get_gradient_edge as gradient_edge
 
-from ._capture import Args, primary
+from ._capture import Args, Capture, primary
 from ._edits import Edit, Function, check_result
 from ._errors import CaptureError, EditError, HookfnError, HookfnWarning, PartialEditWarning
 from ._gate import ACTIVE, HOOK_KEYS, IN_BACKWARD, Replays, Stopper, graph_task, replaying
@@ -63,6 +63,7 @@ class _Side:
         "kind",
         "records",
         "replays",
+        "sites",
         "stops",
     )
 
@@ -75,8 +76,10 @@ class _Side:
         keep_grad: bool,
         edit_grad: Edit | None,
         alias: bool,
+        sites: list[Site],
     ) -> None:
         self.kind: SiteKind = kind
+        self.sites = sites  # the `Site` of each call the edit receives (see `Recorder._site`)
         self.grad_kind: SiteKind = grad_kind
         self.edit = edit
         self.keep = keep
@@ -93,14 +96,10 @@ class _Side:
         self.replays: Replays | None = None
         self.stops = False  # this side's first record completes the site (stop_early)
 
-    @property
-    def wants_grad(self) -> bool:
-        return self.keep_grad or self.edit_grad is not None
-
 
 # Shared sides that nothing is ever written into (see `Recorder.__init__`).
-_NO_OUTPUT = _Side("output", "grad_output", None, False, False, None, False)
-_NO_INPUT = _Side("input", "grad_input", None, False, False, None, True)
+_NO_OUTPUT = _Side("output", "grad_output", None, False, False, None, False, [])
+_NO_INPUT = _Side("input", "grad_input", None, False, False, None, True, [])
 
 
 class Recorder:
@@ -166,11 +165,27 @@ class Recorder:
             self.out = _NO_OUTPUT
         else:
             self.out = _Side(
-                "output", "grad_output", hook.edit, hook.output, hook.grad, hook.edit_grad, False
+                "output",
+                "grad_output",
+                hook.edit,
+                hook.output,
+                hook.grad,
+                hook.edit_grad,
+                False,
+                sites.setdefault("output", []),
             )
             self.out.records = self.outputs
         self.inp = (
-            _Side("input", "grad_input", hook.edit_input, hook.input, hook.grad_input, None, True)
+            _Side(
+                "input",
+                "grad_input",
+                hook.edit_input,
+                hook.input,
+                hook.grad_input,
+                None,
+                True,
+                sites.setdefault("input", []),
+            )
             if hook.edits_input or hook.after_input
             else _NO_INPUT
         )
@@ -295,20 +310,14 @@ class Recorder:
         """The edit, past the gate (``replay``: a re-run by activation checkpointing during
         a backward pass, see `hookfn._gate.replaying`): the new value, or None for
         unchanged. ``source``: the module's input, for an edit that reads it."""
-        if not replay:
+        if replay:
+            call = self._replayed(side)
+        else:
             call = side.edit_calls
             side.edit_calls = call + 1
-        else:
-            # Activation checkpointing re-runs this forward during backward: apply the edit
-            # again, identically, with the site of the call it replays.
-            if side.replays is None:
-                side.replays = Replays()
-                if side.edit_calls > 1:
-                    _warn_replays(self.name)
-            call = side.replays.call(side.edit_calls)
         edit: Any = side.edit
-        sites = self.sites.get(side.kind)
-        site = sites[call] if sites and call < len(sites) else self._site(side.kind, call)
+        sites = side.sites
+        site = sites[call] if call < len(sites) else self._site(side.kind, call)
         if self.hook.whole:
             return _edit_whole(edit, value, site)
         x = value if type(value) is Tensor else primary(value)
@@ -322,12 +331,21 @@ class Recorder:
             raise in_context(error, edit, site) from None
         if y is x:
             return None
-        if type(value) is Tensor:
+        if x is value:
             return y
         if not self.warned and side is self.out:  # (a module reads all its arguments)
             self.warned = True
             _warn_if_partial(edit, site, value, x)
         return replace_primary(value, y)
+
+    def _replayed(self, side: _Side) -> int:
+        """The call that activation checkpointing re-runs during backward: the edit is
+        applied again, identically, with the site of that call."""
+        if side.replays is None:
+            side.replays = Replays()
+            if side.edit_calls > 1:
+                _warn_replays(self.name)
+        return side.replays.call(side.edit_calls)
 
     def _after(self, side: _Side, value: Any, args: Any = ()) -> Any:
         """The gate, then gradient tracking and the record: a new value (a tensor made to
@@ -432,12 +450,23 @@ class Recorder:
 
     # -- results -----------------------------------------------------------------------
 
+    def capture(self) -> Capture:
+        """What the site recorded so far, as a `Capture`."""
+        inp = self.inp
+        return Capture(
+            self.name,
+            tuple(self.outputs),
+            tuple(inp.records),
+            tuple(self.out.grads),
+            tuple(inp.grads),
+        )
+
     @property
     def edit_missed(self) -> bool:
         """Whether the site has an edit step and it never saw a call of the module."""
-        hook = self.hook
-        return (hook.edits_output and not self.out.edit_calls) or (
-            hook.edits_input and not self.inp.edit_calls
+        out, inp = self.out, self.inp
+        return (out.edit is not None and not out.edit_calls) or (
+            inp.edit is not None and not inp.edit_calls
         )
 
 

@@ -66,6 +66,9 @@ class Planned(NamedTuple):
     # The `Site` objects edits receive, by kind, one per call: kept with a kept resolution,
     # so made once for the runs of a spec (they refer to the module weakly).
     sites: dict[str, list[Site]]
+    # A weak reference to the module, for the captures of a run (`Captures.modules`): kept
+    # with a kept resolution too.
+    ref: weakref.ref[nn.Module]
 
 
 class Plan(NamedTuple):
@@ -90,7 +93,9 @@ class Plan(NamedTuple):
 EMPTY = Plan((), ())
 
 
-def _planned(fields: tuple[str, nn.Module, Hook, int, dict[str, list[Site]]]) -> Planned:
+def _planned(
+    fields: tuple[str, nn.Module, Hook, int, dict[str, list[Site]], weakref.ref[nn.Module]],
+) -> Planned:
     """``Planned(*fields)`` without the named tuple's Python-level ``__new__`` (made for
     every site of every run)."""
     return tuple.__new__(Planned, fields)  # type: ignore[type-var]
@@ -202,7 +207,8 @@ def _resolve(
             )
     picked = sorted(chosen.values(), key=lambda entry: entry[2])
     sites = tuple(
-        Planned(name, module, hook, order, {}) for name, module, order, _, hook, *_ in picked
+        Planned(name, module, hook, order, {}, weakref.ref(module))
+        for name, module, order, _, hook, *_ in picked
     )
     hooked = [(p.name, p.module) for p in sites]
     for host, *_ in own:  # a probe's host runs the hooks that call it
@@ -212,7 +218,7 @@ def _resolve(
     around = tuple(enclosing(model, hooked))
     if keep and all(p.module is not model for p in sites):
         entries = [
-            (position, p.name, p.module, p.order, p.sites)
+            (position, p.name, p.ref, p.order, p.sites)
             for p, (*_, position) in zip(sites, picked, strict=True)
         ]
         kept = _Kept.make(inner, entries, around, globbed)
@@ -370,7 +376,7 @@ class _Kept:
     def make(
         cls,
         inner: nn.Module,
-        entries: list[tuple[int, str, nn.Module, int, dict[str, list[Site]]]],
+        entries: list[tuple[int, str, weakref.ref[nn.Module], int, dict[str, list[Site]]]],
         around: tuple[tuple[str, nn.Module, bool], ...],
         globbed: bool,
     ) -> _Kept | None:
@@ -395,10 +401,7 @@ class _Kept:
                 for (parent, alias), children in steps.items()
             )
         return cls(
-            tuple(
-                (position, name, ref(module), order, sites)
-                for position, name, module, order, sites in entries
-            ),
+            tuple(entries),
             tuple((label, ref(module), is_site) for label, module, is_site in around),
             checks,
         )
@@ -418,14 +421,14 @@ class _Kept:
             if values is None:
                 hook = CAPTURE
             else:
-                found = made.get(position)
-                hook = (
-                    found if found is not None else to_hook(values[position], str(keys[position]))
-                )
+                value = values[position]
+                found = value if type(value) is Hook else made.get(position)
+                if found is None:
+                    found = made[position] = to_hook(value, str(keys[position]))
+                hook = found
                 if type(hook.edit) in _SPLICES:
                     return None  # its parts are named in this run: resolved with them
-                made[position] = hook
-            sites.append(_planned((name, module, hook, order, kept_sites)))
+            sites.append(_planned((name, module, hook, order, kept_sites, ref)))
         if not self.parallel and not compiler_loaded():
             # What is around the sites matters only for compiled code (none can exist before
             # torch.compile is loaded) and DataParallel threads.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import warnings
-import weakref
 from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from typing_extensions import Self
 
-from ._capture import Capture, make_capture
+from ._capture import Capture
 from ._compile import CompileGuard, check_compiled
 from ._edits import EditLike, Splice, splice
 from ._edits._cache import Captures
@@ -323,15 +322,7 @@ class TraceMultiple(Mapping[str, "Trace"]):
 
     def _capture_of(self, name: str) -> Capture:
         recorder = self._recorders.get(name)
-        if recorder is None:  # never entered
-            return make_capture(name, (), (), (), ())
-        return make_capture(
-            name,
-            tuple(recorder.outputs),
-            tuple(recorder.inp.records),
-            tuple(recorder.out.grads),
-            tuple(recorder.inp.grads),
-        )
+        return Capture(name) if recorder is None else recorder.capture()  # (None: never entered)
 
     def captures(self) -> Captures:
         """The `Capture` of every traced layer, keyed by layer name, in model order (a
@@ -342,21 +333,12 @@ class TraceMultiple(Mapping[str, "Trace"]):
         """
         result = Captures()
         modules = result.modules
-        if not self._recorders:  # never entered
-            for name, planned in self._by_name.items():
-                result[name] = self._capture_of(name)
-                modules[name] = weakref.ref(planned.module)
-            return result
-        for name, recorder in self._recorders.items():  # (`_capture_of`, inlined)
-            inp = recorder.inp
-            result[name] = make_capture(
-                name,
-                tuple(recorder.outputs),
-                tuple(inp.records),
-                tuple(recorder.out.grads),
-                tuple(inp.grads),
-            )
-            modules[name] = weakref.ref(recorder.module)
+        recorders = self._recorders
+        for planned in self.sites:
+            name = planned.name
+            recorder = recorders.get(name)
+            result[name] = Capture(name) if recorder is None else recorder.capture()
+            modules[name] = planned.ref
         return result
 
     def __getitem__(self, name: str) -> Trace:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import pickle
 from collections import OrderedDict, namedtuple
@@ -38,7 +37,7 @@ def _linear_capture() -> tuple[nn.Module, Tensor, Capture]:
 )
 def test_capture_is_frozen(field):
     _, _, capture = _linear_capture()
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         setattr(capture, field, ())
     with pytest.raises((AttributeError, TypeError)):
         capture.extra = 1  # type: ignore[attr-defined]

@@ -392,8 +392,8 @@ def _values_equal(a: object, b: object) -> bool:
         return len(a) == len(b) and all(k in b and _values_equal(a[k], b[k]) for k in a)
     if isinstance(a, Capture) and isinstance(b, Capture):
         return all(
-            _values_equal(getattr(a, f.name), getattr(b, f.name))
-            for f in dataclasses.fields(Capture)
+            _values_equal(getattr(a, field), getattr(b, field))
+            for field in ("name", "raw_outputs", "raw_inputs", "grad_outputs", "grad_inputs")
         )
     if isinstance(a, Args) and isinstance(b, Args):
         return _values_equal(a.args, b.args) and _values_equal(dict(a.kwargs), dict(b.kwargs))

@@ -31,7 +31,7 @@ class Captures(dict[str, Capture]):
     _checked: dict[tuple[str, int], bool]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        dict.__init__(self, *args, **kwargs)  # (not super(): one is made per run)
         self.modules = {}
         self._checked = {}
 

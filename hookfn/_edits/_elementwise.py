@@ -29,14 +29,17 @@ class Add(ValueEdit):
 
     def __call__(self, x: Tensor, site: Site) -> Tensor:
         value = self.value
-        if type(value) is Tensor and value.dtype is x.dtype and value.device == x.device:
-            # The common case: the sum's own shape tells whether value broadcast to x.
+        if type(value) is Tensor and value.dtype is x.dtype:
+            # The common case: the sum's own shape tells whether value broadcast to x. Its
+            # device is x's where x has a dimension: torch adds a tensor of another device
+            # only if it is a 0-dim CPU one, and then puts the sum on x's device (as
+            # `as_operand` would).
             try:
                 y = x + value
             except RuntimeError:
                 pass  # the checked path below raises the error that explains it
             else:
-                if y.is_same_size(x):
+                if y.shape == x.shape and (x.dim() or y.device == x.device):
                     return y
         return x + as_operand(value, x, "value")
 
