@@ -506,6 +506,9 @@ def test_a_list_argument_is_copied() -> None:
 MULTI_CALL_CACHE = {LAYER: Capture(LAYER, (OTHER, OTHER))}
 ERRORS = [
     (add(torch.ones(3)), (B, S, D), ["(3,)", "(2, 5, 8)", "broadcast"]),
+    # broadcasts, but to a larger shape than the activation's
+    (add(torch.ones(B, 1, D)), (1, S, D), ["(2, 1, 8)", "(1, 5, 8)", "broadcast"]),
+    (add(torch.ones(1, D)), (D,), ["(1, 8)", "(8,)", "broadcast"]),
     (scale(torch.ones(S + 1, D)), (B, S, D), ["(6, 8)", "(2, 5, 8)"]),
     (replace(torch.ones(4)), (B, S, D), ["value", "(4,)", "(2, 5, 8)"]),
     (clamp(hi=torch.ones(3)), (B, S, D), ["upper bound", "(3,)"]),
