@@ -77,6 +77,7 @@ class _Side:
         edit_grad: Edit | None,
         alias: bool,
         sites: list[Site],
+        records: list[Any],
     ) -> None:
         self.kind: SiteKind = kind
         self.sites = sites  # the `Site` of each call the edit receives (see `Recorder._site`)
@@ -89,7 +90,7 @@ class _Side:
         # the model then receives (the input: the gradient into this module alone), or on
         # the output tensor itself unless another site shares it (see `Recorder._track`).
         self.alias = alias
-        self.records: list[Any] = []
+        self.records = records
         self.grads: list[Tensor | None] = []
         self.calls = 0  # calls the after step saw
         self.edit_calls = 0  # calls the edit step saw
@@ -98,8 +99,8 @@ class _Side:
 
 
 # Shared sides that nothing is ever written into (see `Recorder.__init__`).
-_NO_OUTPUT = _Side("output", "grad_output", None, False, False, None, False, [])
-_NO_INPUT = _Side("input", "grad_input", None, False, False, None, True, [])
+_NO_OUTPUT = _Side("output", "grad_output", None, False, False, None, False, [], [])
+_NO_INPUT = _Side("input", "grad_input", None, False, False, None, True, [], [])
 
 
 class Recorder:
@@ -172,9 +173,9 @@ class Recorder:
                 hook.grad,
                 hook.edit_grad,
                 False,
-                sites.setdefault("output", []),
+                sites["output"],
+                self.outputs,
             )
-            self.out.records = self.outputs
         self.inp = (
             _Side(
                 "input",
@@ -184,7 +185,8 @@ class Recorder:
                 hook.grad_input,
                 None,
                 True,
-                sites.setdefault("input", []),
+                sites["input"],
+                [],
             )
             if hook.edits_input or hook.after_input
             else _NO_INPUT
@@ -459,14 +461,6 @@ class Recorder:
             tuple(inp.records),
             tuple(self.out.grads),
             tuple(inp.grads),
-        )
-
-    @property
-    def edit_missed(self) -> bool:
-        """Whether the site has an edit step and it never saw a call of the module."""
-        out, inp = self.out, self.inp
-        return (out.edit is not None and not out.edit_calls) or (
-            inp.edit is not None and not inp.edit_calls
         )
 
 

@@ -63,8 +63,10 @@ class Planned(NamedTuple):
     module: nn.Module
     hook: Hook
     order: int  # position in `named_modules()` order
-    # The `Site` objects edits receive, by kind, one per call: kept with a kept resolution,
-    # so made once for the runs of a spec (they refer to the module weakly).
+    # The `Site` objects edits receive, by kind (every kind of call the module has: "output"
+    # and "input"; the gradients' kinds where gradients are edited), one per call: kept with
+    # a kept resolution, so made once for the runs of a spec (they refer to the module
+    # weakly).
     sites: dict[str, list[Site]]
     # A weak reference to the module, for the captures of a run (`Captures.modules`): kept
     # with a kept resolution too.
@@ -207,7 +209,7 @@ def _resolve(
             )
     picked = sorted(chosen.values(), key=lambda entry: entry[2])
     sites = tuple(
-        Planned(name, module, hook, order, {}, weakref.ref(module))
+        Planned(name, module, hook, order, {"output": [], "input": []}, weakref.ref(module))
         for name, module, order, _, hook, *_ in picked
     )
     hooked = [(p.name, p.module) for p in sites]

@@ -152,7 +152,11 @@ class TraceMultiple(Mapping[str, "Trace"]):
         self.model = model
         self.sites: tuple[Planned, ...] = plan.sites
         self._grafts = plan.grafts
-        self._probes = [(host, m) for host, _, m in plan.grafts if isinstance(m, PROBES)]
+        self._probes = (
+            [(host, m) for host, _, m in plan.grafts if isinstance(m, PROBES)]
+            if plan.grafts
+            else []
+        )
         self._interceptors: list[Interceptor] = []
         self._depth: int | None = None  # the function mode stack's depth as the run opened
         self._stop_early = stop_early
@@ -178,7 +182,7 @@ class TraceMultiple(Mapping[str, "Trace"]):
         self._reset: contextvars.Token[frozenset[object]] | None = None
         self._stopped = False
         self.grad_targets: list[GradientEdge] = []
-        self._by_name: dict[str, Planned] = {p.name: p for p in plan.sites}
+        self._names: dict[str, Planned] | None = None  # the sites by name (see `_by_name`)
         self._edits = False  # whether a site edits (else nothing can go uncalled)
         for p in plan.sites:  # (a loop: a generator closed early could swallow an interrupt)
             if p.hook.edits_output or p.hook.edits_input:
@@ -300,7 +304,13 @@ class TraceMultiple(Mapping[str, "Trace"]):
         block (through `_exit` and `_PendingExit`), 3 from `run_with_hooks`."""
         if self._stopped or not self._edits:
             return
-        missed = [name for name, recorder in self._recorders.items() if recorder.edit_missed]
+        # (the sides with an edit step that never saw a call of the module)
+        missed = [
+            name
+            for name, recorder in self._recorders.items()
+            if (recorder.out.edit_calls == 0 and recorder.out.edit is not None)
+            or (recorder.inp.edit_calls == 0 and recorder.inp.edit is not None)
+        ]
         if not missed:
             return
         text = (
@@ -312,6 +322,14 @@ class TraceMultiple(Mapping[str, "Trace"]):
         if self._strict:
             raise EditError(text)
         warnings.warn(text, NotCalledWarning, stacklevel=stacklevel)
+
+    @property
+    def _by_name(self) -> dict[str, Planned]:
+        """The sites by name, made on first use (a run needs them only for ``tm[name]``)."""
+        names = self._names
+        if names is None:
+            names = self._names = {p.name: p for p in self.sites}
+        return names
 
     @property
     def token(self) -> object:
