@@ -197,14 +197,16 @@ def check_compiled(
         wrapper = wrapper._orig_mod
     bypassed = {id(m) for m in top}
     for name, module, is_site in path:
-        # (runs once per run for every module on the way: kept to two attribute reads)
+        # (runs once per run for every module on the way: kept to reads of the instance's
+        # own attributes, where module.compile() and a compiled forward put theirs)
         if isinstance(module, optimized):
             if is_site or id(module) in bypassed:
                 continue  # hooks on a wrapper itself run eagerly, around its graph
             raise _wrapper_inside(name)
-        if getattr(module, "_compiled_call_impl", None) is not None and module is not eager_root:
+        state = module.__dict__
+        if state.get("_compiled_call_impl") is not None and module is not eager_root:
             raise _compiled_in_place(name, module)
-        if _compiled_forward(module):
+        if "forward" in state and _compiled_forward(module):
             raise _forward_compiled(name)
     return top
 
