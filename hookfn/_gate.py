@@ -32,7 +32,6 @@ __all__ = [
     "active_grafts",
     "deactivate",
     "graph_task",
-    "replaying",
     "suspended",
 ]
 
@@ -114,22 +113,6 @@ def suspended() -> Iterator[None]:
         yield
     finally:
         ACTIVE.reset(reset)
-
-
-def replaying(token: object, base: int) -> bool | None:
-    """Which call of a run's hook this is.
-
-    None: not the run's (the gate is closed). False: a forward of the run, in the graph task
-    ``base`` it was opened in. True: a re-run of that forward by activation checkpointing
-    during a backward pass (another graph task, or an autograd worker thread of the run's
-    ``backward=`` pass).
-    """
-    if token in ACTIVE.get():
-        return graph_task() != base
-    tasks = IN_BACKWARD.get(token)
-    if tasks is None or graph_task() not in tasks:
-        return None
-    return True
 
 
 class Replays:

@@ -2,19 +2,21 @@
 
 One site of one run is a `Recorder`. Its body has two steps, each a hook on the module:
 
-1. **edit** (`Recorder.edit_output`, `Recorder.edit_input`): the gate, then the edit. It is
-   put in front of the module's other hooks, so that they (a user's hook, the ones
-   transformers records ``hidden_states`` with, TransformerLens' own) see the edited value.
-   Nested runs keep their order: an inner run's edit runs after, and sees, an outer one's.
+1. **edit** (`Recorder.edit`): the gate, then the edit. It is put in front of the module's
+   other hooks, so that they (a user's hook, the ones transformers records ``hidden_states``
+   with, TransformerLens' own) see the edited value. Nested runs keep their order: an inner
+   run's edit runs after, and sees, an outer one's.
 2. **after** (`Recorder.after_output`, `Recorder.after_input`): the gate, then gradient
    tracking, then the record. It is put after the module's other hooks, so a capture holds
    what the rest of the model receives, also where another hook changed the value after
    the edit.
 
 A site registers only the steps its `Hook` needs; a site that only captures its output with
-the default copy takes the shortest path, `Recorder.record`. The forward hook and the
-pre-hook are thin adapters around the same two steps (`_edit`, `_after`), which keep one
-stop-early rule: a site is done when its last forward record of its first call is taken.
+the default copy takes the shortest path, `Recorder.record`. The pre-hooks, and the forward
+hook of an edit that reads the module's input, are thin adapters around the same two steps;
+the edit of an output is the step itself, its side bound with `functools.partial` (each
+Python frame on a hooked call runs cold, between the model's layers). One stop-early rule:
+a site is done when its last forward record of its first call is taken.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,7 +36,7 @@ from torch.autograd.graph import get_gradient_edge as gradient_edge
 from ._capture import Args, Capture, primary
 from ._edits import Edit, Function, check_result
 from ._errors import CaptureError, EditError, HookfnError, HookfnWarning, PartialEditWarning
-from ._gate import ACTIVE, HOOK_KEYS, IN_BACKWARD, Replays, Stopper, graph_task, replaying
+from ._gate import ACTIVE, HOOK_KEYS, IN_BACKWARD, Replays, Stopper, graph_task
 from ._hook import Hook
 from ._site import Site, SiteKind
 from ._values import PLAIN_COPY, copy_value, make_copier, replace_primary
@@ -212,7 +215,7 @@ class Recorder:
                 self._insert(module._forward_hooks, self.edit_output_of_input, head=True)
                 module._forward_hooks_with_kwargs[self.keys[-1]] = True
             else:
-                self._insert(module._forward_hooks, self.edit_output, head=True)
+                self._insert(module._forward_hooks, partial(self.edit, self.out), head=True)
         if hook.captures_only and hook.plain_copy:  # the most common site: `_insert`, inlined
             key = next(HOOK_KEYS)
             self.keys.append(key)
@@ -267,24 +270,9 @@ class Recorder:
             if self.stopper is not None and len(records) == 1:
                 self.stopper.site_done()
 
-    def edit_output(self, module: nn.Module, args: Any, output: Any) -> Any:
-        # The gate first, here: a run active in another context returns after one frame.
-        token = self.token
-        if token in ACTIVE.get():
-            return self._edit(self.out, output, graph_task() != self.base)
-        if token in IN_BACKWARD and _in_backward(token):
-            return self._edit(self.out, output, True)
-        return None
-
     def edit_output_of_input(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         """The edit step of an edit that reads the module's input too (a transcoder)."""
-        replay = replaying(self.token, self.base)
-        if replay is None:
-            return None
-        source = primary(Args._of(args, kwargs))
-        if source is None:
-            raise _no_primary(self.name, "input", args)
-        return self._edit(self.out, output, replay, source)
+        return self.edit(self.out, module, args, output, Args._of(args, kwargs))
 
     def after_output(self, module: nn.Module, args: Any, output: Any) -> Any:
         return self._after(self.out, output, args)
@@ -292,14 +280,7 @@ class Recorder:
     # ``kwargs`` has a default: a call on another thread that took its snapshot of the hooks
     # as this run removed its own may call the hook without them; the gate then returns.
     def edit_input(self, module: nn.Module, args: Any, kwargs: Any = None) -> Any:
-        token = self.token
-        if token in ACTIVE.get():
-            replay = graph_task() != self.base
-        elif token in IN_BACKWARD and _in_backward(token):
-            replay = True
-        else:
-            return None
-        new = self._edit(self.inp, Args._of(args, kwargs), replay)
+        new = self.edit(self.inp, module, args, Args._of(args, kwargs))
         return None if new is None else (new.args, new.kwargs)
 
     def after_input(self, module: nn.Module, args: Any, kwargs: Any = None) -> Any:
@@ -308,15 +289,29 @@ class Recorder:
 
     # -- the two steps ---------------------------------------------------------------
 
-    def _edit(self, side: _Side, value: Any, replay: bool, source: Tensor | None = None) -> Any:
-        """The edit, past the gate (``replay``: a re-run by activation checkpointing during
-        a backward pass, see `hookfn._gate.replaying`): the new value, or None for
-        unchanged. ``source``: the module's input, for an edit that reads it."""
-        if replay:
+    def edit(
+        self, side: _Side, module: nn.Module, args: Any, value: Any, source: Args | None = None
+    ) -> Any:
+        """The edit step of ``side``: the gate, then the edit of ``value``; the new value, or
+        None for unchanged. ``source``: the module's input, for an edit that reads it.
+
+        A call where the run is not active returns at the gate. A re-run by activation
+        checkpointing during a backward pass (in another graph task than the run was opened
+        in, or in an autograd worker thread of the run's ``backward=`` pass, where the run's
+        context is not active: see `hookfn._gate.IN_BACKWARD`) applies the edit again, with
+        the site of the call it replays, and counts no call.
+        """
+        token = self.token
+        if token in ACTIVE.get():
+            if graph_task() == self.base:
+                call = side.edit_calls
+                side.edit_calls = call + 1
+            else:
+                call = self._replayed(side)
+        elif token in IN_BACKWARD and _in_backward(token):
             call = self._replayed(side)
         else:
-            call = side.edit_calls
-            side.edit_calls = call + 1
+            return None
         edit: Any = side.edit
         sites = side.sites
         site = sites[call] if call < len(sites) else self._site(side.kind, call)
@@ -326,7 +321,13 @@ class Recorder:
         if x is None:
             raise _no_primary(self.name, side.kind, value)
         try:
-            y = edit(x, site) if source is None else edit.from_input(source, x, site)
+            if source is None:
+                y = edit(x, site)
+            else:
+                source_x = primary(source)
+                if source_x is None:
+                    raise _no_primary(self.name, "input", source.args)
+                y = edit.from_input(source_x, x, site)
             if not edit.result_checked:
                 y = check_result(x, y)
         except HookfnError as error:
