@@ -44,9 +44,12 @@ void dump(const char *label) { CALLGRIND_DUMP_STATS_AT(label); }
 CASES = ("bare", "capture_raw", "capture_hookfn", "edit_raw", "edit_hookfn", "fixed")
 
 
-def _child(helper: str, model: str, calls: int) -> None:
+def _child(helper: str, model: str, calls: int, dynamo: bool) -> None:
     """Run each case under callgrind, with the instrumentation on only around its calls."""
     import torch
+
+    if dynamo:
+        import torch._dynamo
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_common import get_bench, implementations
@@ -90,10 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mlp12", help="a model of bench_common (mlp12, tiny)")
     parser.add_argument("--calls", type=int, default=50, help="calls counted per case")
+    parser.add_argument(
+        "--dynamo",
+        action="store_true",
+        help="import torch._dynamo first, as transformers does: runs then check for compiled code",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        _child(args.child, args.model, args.calls)
+        _child(args.child, args.model, args.calls, args.dynamo)
         return 0
     missing = [tool for tool in ("valgrind", "cc") if shutil.which(tool) is None]
     if missing:
@@ -114,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--child={helper}",
             f"--model={args.model}",
             f"--calls={args.calls}",
+            *(["--dynamo"] if args.dynamo else []),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
         done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -125,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"callgrind recorded {sorted(counts)}, expected {list(CASES)}", file=sys.stderr)
         return 1
     bare = counts["bare"]
-    print(f"instructions per call, {args.model} ({args.calls} calls each):")
+    loaded = ", torch._dynamo loaded" if args.dynamo else ""
+    print(f"instructions per call, {args.model}{loaded} ({args.calls} calls each):")
     for label in CASES:
         print(f"  {label:16} {counts[label] / 1000:10.1f} k")
     capture = (counts["capture_hookfn"] - bare) / (counts["capture_raw"] - bare)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Union
 
 from torch import nn
@@ -80,16 +80,18 @@ class Plan(NamedTuple):
     through on its way to the sites, outermost first (see `hookfn._compile.enclosing`).
     ``grafts`` are the modules the spec splices in (`hookfn.splice`), as ``(host, name,
     module)``: their parts are sites of this run and of the runs nested in it.
+    ``parallels`` are the ``DataParallel`` modules of ``around`` (their threads must see the
+    run).
     """
 
     sites: tuple[Planned, ...]
     around: tuple[tuple[str, nn.Module, bool], ...]
     grafts: tuple[tuple[nn.Module, str, nn.Module], ...] = ()
+    parallels: tuple[nn.Module, ...] = ()
 
-    @property
-    def parallels(self) -> list[nn.Module]:
-        """The ``DataParallel`` modules around the sites (their threads must see the run)."""
-        return [m for _, m, _ in self.around if isinstance(m, nn.DataParallel)]
+
+def _parallels(around: Iterable[tuple[str, nn.Module, bool]]) -> tuple[nn.Module, ...]:
+    return tuple(m for _, m, _ in around if isinstance(m, nn.DataParallel))
 
 
 EMPTY = Plan((), ())
@@ -226,7 +228,7 @@ def _resolve(
         kept = _Kept.make(inner, entries, around, globbed)
         if kept is not None:
             _keep(model, keys, kept)
-    return Plan(sites, around, tuple(own))
+    return Plan(sites, around, tuple(own), _parallels(around))
 
 
 _SPLICES = (Splice, SpliceFromInput)
@@ -441,7 +443,8 @@ class _Kept:
             if module is None:
                 return None
             around.append((label, module, is_site))
-        return Plan(tuple(sites), tuple(around))
+        # (the DataParallel modules looked for only where the resolution found some)
+        return Plan(tuple(sites), tuple(around), (), _parallels(around) if self.parallel else ())
 
 
 class _Check:
