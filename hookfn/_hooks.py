@@ -101,6 +101,8 @@ class _Side:
         self.stops = False  # this side's first record completes the site (stop_early)
 
 
+_NO_VALUE: Any = object()  # an argument a hook was called without
+
 # Shared sides that nothing is ever written into (see `Recorder.__init__`).
 _NO_OUTPUT = _Side("output", "grad_output", None, False, False, None, False, [], [])
 _NO_INPUT = _Side("input", "grad_input", None, False, False, None, True, [], [])
@@ -270,8 +272,15 @@ class Recorder:
             if self.stopper is not None and len(records) == 1:
                 self.stopper.site_done()
 
-    def edit_output_of_input(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
-        """The edit step of an edit that reads the module's input too (a transcoder)."""
+    def edit_output_of_input(
+        self, module: nn.Module, args: Any, kwargs: Any, output: Any = _NO_VALUE
+    ) -> Any:
+        """The edit step of an edit that reads the module's input too (a transcoder).
+
+        ``output`` has a default for the reason ``edit_input``'s ``kwargs`` has one: a call
+        on another thread, without the keyword arguments, is not the run's."""
+        if output is _NO_VALUE:
+            return None
         return self.edit(self.out, module, args, output, Args._of(args, kwargs))
 
     def after_output(self, module: nn.Module, args: Any, output: Any) -> Any:

@@ -24,7 +24,7 @@ from conftest import snapshot_hooks
 from reference import sequential_by_hand
 from torch import Tensor, nn
 
-from hookfn import Hook, Trace, TraceMultiple, add, run_with_hooks
+from hookfn import Hook, Trace, TraceMultiple, add, run_with_hooks, splice
 from hookfn._gate import ACTIVE as _ACTIVE
 
 WIDTH = 16
@@ -155,17 +155,25 @@ def test_threads_share_one_model_and_each_gets_its_own_result():
     assert _ACTIVE.get() == frozenset()
 
 
-def test_registration_storm_on_one_module():
+@pytest.mark.parametrize("step", ["edit", "transcoder"])
+def test_registration_storm_on_one_module(step: str):
     # Three threads register and remove hooks on the same module as fast as they can while a
     # fourth calls it plainly: the races of PyTorch's hook bookkeeping (handle ids drawn
     # from a shared counter, a hook removed between a call's snapshot of the hooks and its
-    # with-kwargs lookup) must neither raise nor lose a hook.
+    # with-kwargs lookup) must neither raise nor lose a hook. The transcoder's edit step is
+    # a forward hook with keyword arguments (it reads the module's input).
     torch.manual_seed(3)
     layer = nn.Linear(4, 4)
     x, delta = torch.randn(2, 4), torch.randn(4)
+    transcoder = nn.Linear(4, 4)
     with torch.no_grad():
         plain = F.linear(x, layer.weight, layer.bias)
-    edited = plain + delta
+        if step == "edit":
+            edit: Any = add(delta)
+            edited = plain + delta
+        else:
+            edit = splice(transcoder, from_input=True)
+            edited = F.linear(x, transcoder.weight, transcoder.bias)
     problems: list[str] = []
     barrier = threading.Barrier(4)
 
@@ -174,7 +182,7 @@ def test_registration_storm_on_one_module():
         try:
             for _ in range(300):
                 with torch.no_grad():
-                    out, caches = run_with_hooks(layer, x, {"": Hook(add(delta), input=True)})
+                    out, caches = run_with_hooks(layer, x, {"": Hook(edit, input=True)})
                 if not (torch.equal(out, edited) and torch.equal(caches[""].input, x)):
                     problems.append("a hooked run lost its hook")
         except BaseException as error:
