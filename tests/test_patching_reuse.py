@@ -417,9 +417,9 @@ def test_merged_and_separate_position_groups(
 ) -> None:
     """Cells of several first positions run in one forward from the earliest (a forward's
     fixed cost dominates) or one forward per position (its cost per position does)."""
-    from hookfn.patching import _exact
+    from hookfn.patching import _chunks
 
-    monkeypatch.setattr(_exact, "_forward_costs", lambda runner, whole: costs)
+    monkeypatch.setattr(_chunks, "_forward_costs", lambda runner, whole: costs)
     clean, corrupted = padded(2, "left", at=(3,))
     with rows_seen([gpt2_model.transformer.h[2]]) as seen:
         result = activation_patching(

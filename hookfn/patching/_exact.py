@@ -55,6 +55,7 @@ from ._batches import (
     measure_row_bytes,
     progress_bar,
 )
+from ._chunks import plan_chunks, synchronize
 from ._grid import Over, as_axes
 from ._layers import Layout, NotExact, Stack, find_stack, join_point
 from ._metrics import MetricLike, Rows, Scorer, as_scorer
@@ -102,7 +103,7 @@ def patch_hook(kind: str, edit: Edit) -> Hook:
 
 
 @dataclass(frozen=True, slots=True)
-class _Cell:
+class Cell:
     site: int
     part: int
     start: int  # the first position the patch changes (0 where that is not used)
@@ -115,7 +116,7 @@ class _Cell:
 
 
 @dataclass(slots=True, eq=False)
-class _Runner:
+class Runner:
     """The model, the base prompts, and how to run and score a chunk of cells."""
 
     model: nn.Module
@@ -135,7 +136,7 @@ class _Runner:
     def n(self) -> int:
         return self.sides.base.n
 
-    def _extra(
+    def extra(
         self, start: int, pair: Tensor, layout: Layout | None = None
     ) -> tuple[dict[str, Any], Tensor]:
         """Keyword arguments for a run on positions ``start..``, and each row's metric index
@@ -165,10 +166,10 @@ class _Runner:
             index = torch.searchsorted(keep, index)
         return extra, index
 
-    def stacked(self, chunk: list[_Cell], start: int) -> Tensor:
+    def stacked(self, chunk: list[Cell], start: int) -> Tensor:
         """The chunk's cells stacked along the batch dimension, in one forward: ``[cells, n]``.
 
-        The chunk is in `_Cell.order`. Where cells join after the model input (layer reuse),
+        The chunk is in `Cell.order`. Where cells join after the model input (layer reuse),
         the layers before run on one copy of the prompts and the batch grows where the cells
         join (`_layers.Layout`); if the model does not run that layout as it needs, the chunk
         runs again with every cell on every layer.
@@ -183,7 +184,7 @@ class _Runner:
                 self.stack = None  # the model does not allow it: every later chunk runs plainly
         return self._forward(chunk, start, None)
 
-    def _forward(self, chunk: list[_Cell], start: int, layout: Layout | None) -> Tensor:
+    def _forward(self, chunk: list[Cell], start: int, layout: Layout | None) -> Tensor:
         n, sites = self.n, self.grid.sites
         pair = torch.arange(n).repeat(len(chunk))
         edits: dict[int, Patch] = {}
@@ -218,7 +219,7 @@ class _Runner:
                 spec[name] = layout.child_hook(child, patch_in, patch_out)
             pair_in = torch.arange(n).repeat(layout.input_rows // n)
             layout.start()
-        extra, index = self._extra(start, pair, layout)
+        extra, index = self.extra(start, pair, layout)
         base = self.sides.base
         args = base.rows(pair_in) if start == 0 else base.tail(start, pair_in)
         args = Args(*args.args, **{**args.kwargs, **extra})
@@ -236,7 +237,7 @@ class _Runner:
             values = torch.where(before, self.base_metric.to(values.device)[pair], values)
         return values.view(len(chunk), n)
 
-    def vmapped(self, chunk: list[_Cell]) -> Tensor:
+    def vmapped(self, chunk: list[Cell]) -> Tensor:
         """The chunk's cells under `torch.func.vmap`, one full forward each: ``[cells, n]``."""
         n, sites = self.n, self.grid.sites
         used = sorted({c.site for c in chunk})
@@ -248,7 +249,7 @@ class _Runner:
                 torch.stack([patch.masks[c.part] if c.site == site_index else off for c in chunk])
             )
         pair = torch.arange(n)
-        extra, index = self._extra(0, pair)
+        extra, index = self.extra(0, pair)
         args = Args(*self.sides.base.args.args, **{**self.sides.base.args.kwargs, **extra})
 
         def one(*cell_masks: Tensor) -> Tensor:
@@ -275,8 +276,8 @@ def cell_rows(masks: Tensor, n: int) -> Tensor:
     return masks.expand(cells, n, *masks.shape[2:]).reshape(cells * n, *masks.shape[2:])
 
 
-def _by_site(chunk: list[_Cell]) -> Iterator[tuple[int, list[_Cell]]]:
-    groups: dict[int, list[_Cell]] = {}
+def _by_site(chunk: list[Cell]) -> Iterator[tuple[int, list[Cell]]]:
+    groups: dict[int, list[Cell]] = {}
     for cell in chunk:
         groups.setdefault(cell.site, []).append(cell)
     yield from groups.items()
@@ -449,7 +450,7 @@ def activation_patching(
                 args = side.with_kwargs(use_cache=positions)
             began = time.perf_counter()
             outputs[role], captures[role] = run_with_hooks(model, args, spec)
-            _synchronize(primary(outputs[role]))
+            synchronize(primary(outputs[role]))
             seconds[role] = time.perf_counter() - began
         clean_lp = clean_logprobs(scorer, outputs.get("clean"), sides.clean)
         metrics = {
@@ -469,7 +470,7 @@ def activation_patching(
     if kv is not None and not scorer.builtin and not _positional_output(base_output, seq):
         kv = None  # a callable metric reads the whole output, which then cannot be rebuilt
     kv_layers = kv is not None and stack is not None and _cache_layers(kv) == len(stack.children)
-    runner = _Runner(
+    runner = Runner(
         model, sides, grid, scorer, clean_lp, metrics[base_name], parameters,
         kv, cache_keyword, base_output, stack, kv_layers,
     )  # fmt: skip
@@ -477,14 +478,14 @@ def activation_patching(
     n = sides.base.n
     values = metrics[base_name].expand(len(names), grid.sites[0].masks.shape[0], n).clone()
     last_real = int(sides.base.last.max())
-    groups: dict[int, list[_Cell]] = {}
+    groups: dict[int, list[Cell]] = {}
     for i, patch in enumerate(grid.sites):
         join = join_point(model, stack, patch.name, patch.kind)
         for j, first in enumerate(first_changed(patch, seq)):
             if first is None or (is_causal and first > last_real):
                 continue  # the patch changes nothing the metric can see
             start = first if kv is not None and _positional(patch, seq) else 0
-            groups.setdefault(start, []).append(_Cell(i, j, start, join))
+            groups.setdefault(start, []).append(Cell(i, j, start, join))
     for cells in groups.values():
         cells.sort(key=lambda c: c.order)
 
@@ -492,7 +493,7 @@ def activation_patching(
     if budget is not None:
         row_bytes = _row_bytes(runner)
     per_run = cells_per_run(n, batch_size, budget, row_bytes)
-    chunks = _plan(runner, groups, per_run, vmap, seconds[base_name])
+    chunks = plan_chunks(runner, groups, per_run, vmap, seconds[base_name])
     with torch.no_grad():
         for start, chunk in progress_bar(chunks, len(chunks), progress, "patching"):
             got = runner.vmapped(chunk) if vmap else runner.stacked(chunk, start)
@@ -502,95 +503,6 @@ def activation_patching(
         values, grid, metrics.get("clean"), metrics.get("corrupted"), n, per_pair, mode,
         "activation patching", scorer.name,
     )  # fmt: skip
-
-
-def _plan(
-    runner: _Runner, groups: dict[int, list[_Cell]], per_run: int, vmap: bool, whole: float
-) -> list[tuple[int, list[_Cell]]]:
-    """The chunks of cells, each run in one forward: ``(first position, cells)``.
-
-    Each group of cells that change the same first position is cut into pieces of at most
-    ``per_run`` cells, in `_Cell.order` (so cells that join at nearby layers run together).
-    Where there are several groups (position reuse), neighbouring pieces are merged into one
-    forward when that is estimated to be faster: a forward on positions ``p..`` costs a fixed
-    part plus a part per row, position and layer, both measured on this model
-    (``whole``: the seconds of the base run; `_forward_costs`); merged cells run from the
-    earliest first position of the chunk.
-    """
-    pieces = [
-        (start, cells[k : k + per_run])
-        for start, cells in sorted(groups.items())
-        for k in range(0, len(cells), per_run)
-    ]
-    if vmap or len(groups) < 2 or len(pieces) < 2:
-        return pieces
-    fixed, per_position = _forward_costs(runner, whole)
-    seq = int(runner.sides.base.seq or 1)
-    children = len(runner.stack.children) if runner.stack is not None else 0
-
-    def cost(first: int, last: int) -> float:
-        start = pieces[first][0]
-        cells = [c for _, piece in pieces[first:last] for c in piece]
-        grows = runner.stack is not None and (start == 0 or runner.kv_layers)
-        share = _copies(cells, children) / children if grows else len(cells)
-        return fixed + per_position * (seq - start) * share
-
-    best: list[tuple[float, int]] = [(0.0, 0)]  # (cost of pieces[:i], where the last chunk begins)
-    for i in range(1, len(pieces) + 1):
-        options = []
-        count = 0
-        for j in range(i - 1, -1, -1):
-            count += len(pieces[j][1])
-            if count > per_run and j < i - 1:
-                break
-            options.append((best[j][0] + cost(j, i), j))
-        best.append(min(options))
-    bounds = []
-    i = len(pieces)
-    while i > 0:
-        bounds.append((best[i][1], i))
-        i = best[i][1]
-    chunks = []
-    for first, last in reversed(bounds):
-        cells = sorted((c for _, piece in pieces[first:last] for c in piece), key=lambda c: c.order)
-        chunks.append((pieces[first][0], cells))
-    return chunks
-
-
-def _copies(cells: list[_Cell], children: int) -> int:
-    """The rows (in copies of the prompts) the stack's children run on, summed over them,
-    when ``cells`` run as one grown batch (`_layers.Layout`)."""
-    plain = sum(1 for c in cells if c.join is None)
-    joined = [0] * (2 * children + 1)
-    for c in cells:
-        if c.join is not None:
-            joined[min(c.join, 2 * children)] += 1
-    total, done, waiting = 0, plain, len(cells) - plain
-    for child in range(children):
-        done += joined[2 * child]  # joined at its input
-        waiting -= joined[2 * child]
-        total += done + (1 if waiting else 0)
-        done += joined[2 * child + 1]  # joined at its output
-        waiting -= joined[2 * child + 1]
-    return total
-
-
-def _forward_costs(runner: _Runner, whole: float) -> tuple[float, float]:
-    """Seconds of a forward of the base prompts: a fixed part, and a part per position
-    (from the base run on every position, ``whole`` seconds, and a forward on the last
-    position only, on the cropped key/value cache)."""
-    base, n = runner.sides.base, runner.n
-    seq = int(base.seq or 1)
-    pair = torch.arange(n)
-    extra, _ = runner._extra(seq - 1, pair)
-    args = base.tail(seq - 1, pair)
-    args = Args(*args.args, **{**args.kwargs, **extra})
-    began = time.perf_counter()
-    with torch.no_grad():
-        _synchronize(primary(runner.model(*args.args, **args.kwargs)))
-    last = time.perf_counter() - began
-    per_position = max(whole - last, 0.0) / max(seq - 1, 1)
-    return max(last - per_position, 0.0), per_position
 
 
 def _fresh_cache(kv: Any) -> Any:
@@ -610,12 +522,6 @@ def _fresh_cache(kv: Any) -> Any:
         fresh.layers = [copy.copy(layer) for layer in layers]
         return fresh
     return copy.deepcopy(kv)
-
-
-def _synchronize(tensor: Tensor | None) -> None:
-    """Wait for the device to finish the work that made ``tensor`` (for timing)."""
-    if tensor is not None and tensor.device.type == "cuda":
-        torch.cuda.synchronize(tensor.device)
 
 
 def _cache_layers(kv: Any) -> int | None:
@@ -638,12 +544,12 @@ def _positional_output(output: Tensor | None, seq: int | None) -> bool:
     return output is not None and output.dim() >= 2 and output.shape[1] == seq
 
 
-def _row_bytes(runner: _Runner) -> int:
+def _row_bytes(runner: Runner) -> int:
     """Peak bytes per row of a forward like the patched ones (measured once), plus what a
     row's patches hold: the source and the patched copy at each site."""
     base = runner.sides.base
     pair = torch.arange(base.n)
-    extra, _ = runner._extra(0, pair)
+    extra, _ = runner.extra(0, pair)
     args = Args(*base.args.args, **{**base.args.kwargs, **extra})
     with torch.no_grad():
         forward = measure_row_bytes(
