@@ -22,22 +22,21 @@ a site is done when its last forward record of its first call is taken.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.autograd.graph import get_gradient_edge as gradient_edge
 
 from ._capture import Args, Capture, primary
 from ._edits import Edit, Function, check_result
-from ._errors import CaptureError, EditError, HookfnError, HookfnWarning, PartialEditWarning
+from ._errors import CaptureError, EditError, HookfnError
 from ._gate import ACTIVE, HOOK_KEYS, IN_BACKWARD, Replays, Stopper, graph_task
 from ._hook import Hook
+from ._hook_errors import in_context, no_primary, warn_if_partial, warn_replays
 from ._site import Site, SiteKind
 from ._values import PLAIN_COPY, copy_value, make_copier, replace_primary
 
@@ -303,6 +302,8 @@ class Recorder:
     ) -> Any:
         """The edit step of ``side``: the gate, then the edit of ``value``; the new value, or
         None for unchanged. ``source``: the module's input, for an edit that reads it.
+        ``module`` and ``args`` are the forward hook's own arguments (this method, its side
+        bound, is an output's forward hook), not used here.
 
         A call where the run is not active returns at the gate. A re-run by activation
         checkpointing during a backward pass (in another graph task than the run was opened
@@ -328,14 +329,14 @@ class Recorder:
             return _edit_whole(edit, value, site)
         x = value if type(value) is Tensor else primary(value)
         if x is None:
-            raise _no_primary(self.name, side.kind, value)
+            raise no_primary(self.name, side.kind, value)
         try:
             if source is None:
                 y = edit(x, site)
             else:
                 source_x = primary(source)
                 if source_x is None:
-                    raise _no_primary(self.name, "input", source.args)
+                    raise no_primary(self.name, "input", source.args)
                 y = edit.from_input(source_x, x, site)
             if not edit.result_checked:
                 y = check_result(x, y)
@@ -347,7 +348,7 @@ class Recorder:
             return y
         if not self.warned and side is self.out:  # (a module reads all its arguments)
             self.warned = True
-            _warn_if_partial(edit, site, value, x)
+            warn_if_partial(edit, site, value, x)
         return replace_primary(value, y)
 
     def _replayed(self, side: _Side) -> int:
@@ -356,7 +357,7 @@ class Recorder:
         if side.replays is None:
             side.replays = Replays()
             if side.edit_calls > 1:
-                _warn_replays(self.name)
+                warn_replays(self.name)
         return side.replays.call(side.edit_calls)
 
     def _after(self, side: _Side, value: Any, args: Any = ()) -> Any:
@@ -497,34 +498,6 @@ def _edit_whole(edit: Edit, value: Any, site: Site) -> Any:
     return new
 
 
-def _warn_if_partial(edit: object, site: Site, value: Any, x: Tensor) -> None:
-    """Warn where an edit changed the primary tensor of a structure that holds other
-    floating-point tensors the model may read instead (an MoE router's scores beside its
-    logits, CLIP's pooled output beside its hidden states): the edit may then have no
-    effect. Tensors of more dimensions than the edited one (attention weights beside an
-    attention output) are not counted."""
-    leaves = value.args + tuple(value.kwargs.values()) if isinstance(value, Args) else value
-    others = [
-        leaf
-        for leaf in pytree.tree_leaves(leaves)
-        if isinstance(leaf, Tensor)
-        and leaf is not x
-        and (leaf.is_floating_point() or leaf.is_complex())
-        and leaf.dim() <= x.dim()
-    ]
-    if others:
-        shapes = ", ".join(str(tuple(t.shape)) for t in others[:3])
-        warnings.warn(
-            f"the edit {edit!r} at layer {site.name!r} changed only the primary tensor of its "
-            f"{site.kind} ({type(value).__name__}), which holds other floating-point tensors "
-            f"({shapes}); if the model reads those, the edit does not reach it. Edit the whole "
-            "structure with Hook(edit, whole=True), or hook the module that computes the "
-            "tensor the model reads.",
-            PartialEditWarning,
-            stacklevel=2,
-        )
-
-
 def _gradient_hook(
     grads: list[Tensor | None],
     slot: int,
@@ -571,33 +544,3 @@ def _put_first(hooks: dict[int, Any], key: int) -> None:
     move(key, last=False)
     for k in reversed(keys[: last_head + 1]):
         move(k, last=False)
-
-
-def _warn_replays(name: str) -> None:
-    warnings.warn(
-        f"activation checkpointing re-runs layer {name!r}, which the run called several "
-        "times: its edits are applied again with the Site of the call they replay, matched "
-        "in the order backward re-runs checkpointed segments (the last segment first). Two "
-        "calls inside one checkpointed segment are replayed in the other order: an edit that "
-        "depends on site.call is then applied with the wrong call there.",
-        HookfnWarning,
-        stacklevel=2,
-    )
-
-
-def in_context(error: HookfnError, edit: object, site: Site) -> HookfnError:
-    """``error``, raised inside an edit, with the edit and the site it ran at in front."""
-    text = f"the edit {edit!r} at layer {site.name!r} ({site.kind}, call {site.call}): {error}"
-    try:
-        new = type(error)(text)
-    except Exception:
-        new = EditError(text)
-    return new.with_traceback(error.__traceback__)
-
-
-def _no_primary(name: str, kind: str, value: object) -> EditError:
-    return EditError(
-        f"cannot edit the {kind} of layer {name!r}: it is a {type(value).__name__} with no "
-        "primary tensor (a tensor, or a tuple/list/mapping whose first item is a tensor). "
-        "Hook a submodule that produces a tensor instead."
-    )

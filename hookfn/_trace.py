@@ -351,12 +351,9 @@ class TraceMultiple(Mapping[str, "Trace"]):
         """
         result = Captures()
         modules = result.modules
-        recorders = self._recorders
         for planned in self.sites:
-            name = planned.name
-            recorder = recorders.get(name)
-            result[name] = Capture(name) if recorder is None else recorder.capture()
-            modules[name] = planned.ref
+            result[planned.name] = self._capture_of(planned.name)
+            modules[planned.name] = planned.ref
         return result
 
     def __getitem__(self, name: str) -> Trace:
