@@ -4,7 +4,9 @@ ratios without its noise.
     python benchmarks/instructions.py [--model mlp12] [--calls 50]
 
 Timings on a shared machine move by several percent between runs; the number of
-instructions a call executes does not (to a fraction of a percent). This script runs the
+instructions a call executes repeats exactly for a given checkout (an unrelated change, such
+as a function moved to another module, still moves the edit ratio by up to 0.05: memory
+allocation costs more or fewer instructions as the heap lies). This script runs the
 cases of `test_bench_overhead.py` (the same models, inputs and implementations, from
 `bench_common`) under callgrind, counting only the calls themselves: a small helper
 compiled on the spot switches callgrind's instrumentation on around each case, so neither

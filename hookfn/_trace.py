@@ -351,9 +351,12 @@ class TraceMultiple(Mapping[str, "Trace"]):
         """
         result = Captures()
         modules = result.modules
-        for planned in self.sites:
-            result[planned.name] = self._capture_of(planned.name)
-            modules[planned.name] = planned.ref
+        recorders = self._recorders
+        for planned in self.sites:  # (`_capture_of` inlined: a call per layer costs 1% here)
+            name = planned.name
+            recorder = recorders.get(name)
+            result[name] = Capture(name) if recorder is None else recorder.capture()
+            modules[name] = planned.ref
         return result
 
     def __getitem__(self, name: str) -> Trace:
