@@ -14,8 +14,8 @@ One site of one run is a `Recorder`. Its body has two steps, each a hook on the 
 A site registers only the steps its `Hook` needs; a site that only captures its output with
 the default copy takes the shortest path, `Recorder.record`. The pre-hooks, and the forward
 hook of an edit that reads the module's input, are thin adapters around the same two steps;
-the edit of an output is the step itself, its side bound with `functools.partial` (each
-Python frame on a hooked call runs cold, between the model's layers). One stop-early rule:
+the edit of an output is the step itself, registered as a bound method (each Python frame
+on a hooked call runs cold, between the model's layers). One stop-early rule:
 a site is done when its last forward record of its first call is taken.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -216,7 +215,7 @@ class Recorder:
                 self._insert(module._forward_hooks, self.edit_output_of_input, head=True)
                 module._forward_hooks_with_kwargs[self.keys[-1]] = True
             else:
-                self._insert(module._forward_hooks, partial(self.edit, self.out), head=True)
+                self._insert(module._forward_hooks, self.edit, head=True)
         if hook.captures_only and hook.plain_copy:  # the most common site: `_insert`, inlined
             key = next(HOOK_KEYS)
             self.keys.append(key)
@@ -280,7 +279,7 @@ class Recorder:
         on another thread, without the keyword arguments, is not the run's."""
         if output is _NO_VALUE:
             return None
-        return self.edit(self.out, module, args, output, Args._of(args, kwargs))
+        return self.edit(module, args, output, self.out, Args._of(args, kwargs))
 
     def after_output(self, module: nn.Module, args: Any, output: Any) -> Any:
         return self._after(self.out, output, args)
@@ -288,7 +287,7 @@ class Recorder:
     # ``kwargs`` has a default: a call on another thread that took its snapshot of the hooks
     # as this run removed its own may call the hook without them; the gate then returns.
     def edit_input(self, module: nn.Module, args: Any, kwargs: Any = None) -> Any:
-        new = self.edit(self.inp, module, args, Args._of(args, kwargs))
+        new = self.edit(module, args, Args._of(args, kwargs), self.inp)
         return None if new is None else (new.args, new.kwargs)
 
     def after_input(self, module: nn.Module, args: Any, kwargs: Any = None) -> Any:
@@ -298,12 +297,17 @@ class Recorder:
     # -- the two steps ---------------------------------------------------------------
 
     def edit(
-        self, side: _Side, module: nn.Module, args: Any, value: Any, source: Args | None = None
+        self,
+        module: nn.Module,
+        args: Any,
+        value: Any,
+        side: _Side | None = None,
+        source: Args | None = None,
     ) -> Any:
-        """The edit step of ``side``: the gate, then the edit of ``value``; the new value, or
-        None for unchanged. ``source``: the module's input, for an edit that reads it.
-        ``module`` and ``args`` are the forward hook's own arguments (this method, its side
-        bound, is an output's forward hook), not used here.
+        """The edit step of ``side`` (None: the output): the gate, then the edit of
+        ``value``; the new value, or None for unchanged. ``source``: the module's input, for
+        an edit that reads it. ``module`` and ``args`` are the forward hook's own arguments
+        (this method is an output's forward hook), not used here.
 
         A call where the run is not active returns at the gate. A re-run by activation
         checkpointing during a backward pass (in another graph task than the run was opened
@@ -311,6 +315,8 @@ class Recorder:
         context is not active: see `hookfn._gate.IN_BACKWARD`) applies the edit again, with
         the site of the call it replays, and counts no call.
         """
+        if side is None:
+            side = self.out
         token = self.token
         if token in ACTIVE.get():
             if graph_task() == self.base:
@@ -332,7 +338,7 @@ class Recorder:
             raise no_primary(self.name, side.kind, value)
         try:
             if source is None:
-                y = edit(x, site)
+                y = edit.__call__(x, site)  # (the method itself: no call through the type)
             else:
                 source_x = primary(source)
                 if source_x is None:
