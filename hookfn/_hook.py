@@ -76,6 +76,7 @@ class Hook:
     after_output: bool = field(default=True, init=False, repr=False, compare=False)
     edits_input: bool = field(default=False, init=False, repr=False, compare=False)
     after_input: bool = field(default=False, init=False, repr=False, compare=False)
+    records: bool = field(default=True, init=False, repr=False, compare=False)
     captures_only: bool = field(default=True, init=False, repr=False, compare=False)
     wants_grad: bool = field(default=False, init=False, repr=False, compare=False)
     plain_copy: bool = field(default=True, init=False, repr=False, compare=False)
@@ -158,6 +159,7 @@ class Hook:
         setattr_(self, "after_output", self.output or wants_grad)
         setattr_(self, "edits_input", self.edit_input is not None)
         setattr_(self, "after_input", self.input or self.grad_input)
+        setattr_(self, "records", self.output or self.input or self.grad_input or wants_grad)
         setattr_(self, "wants_grad", wants_grad)
         setattr_(
             self,

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Union
 from torch import nn
 from typing_extensions import TypeAlias
 
+from ._capture import Capture
 from ._compile import compiler_loaded, enclosing
 from ._components import component_grafts, looks_like_component
 from ._edits import Splice, Spliced, SpliceFromInput
@@ -71,6 +72,9 @@ class Planned(NamedTuple):
     # A weak reference to the module, for the captures of a run (`Captures.modules`): kept
     # with a kept resolution too.
     ref: weakref.ref[nn.Module]
+    # The capture of a site whose hook records nothing (an edit alone): one value, the same
+    # in every run (captures are immutable), kept too.
+    blank: Capture
 
 
 class Plan(NamedTuple):
@@ -98,7 +102,9 @@ EMPTY = Plan((), ())
 
 
 def _planned(
-    fields: tuple[str, nn.Module, Hook, int, dict[str, list[Site]], weakref.ref[nn.Module]],
+    fields: tuple[
+        str, nn.Module, Hook, int, dict[str, list[Site]], weakref.ref[nn.Module], Capture
+    ],
 ) -> Planned:
     """``Planned(*fields)`` without the named tuple's Python-level ``__new__`` (made for
     every site of every run)."""
@@ -211,7 +217,15 @@ def _resolve(
             )
     picked = sorted(chosen.values(), key=lambda entry: entry[2])
     sites = tuple(
-        Planned(name, module, hook, order, {"output": [], "input": []}, weakref.ref(module))
+        Planned(
+            name,
+            module,
+            hook,
+            order,
+            {"output": [], "input": []},
+            weakref.ref(module),
+            Capture(name),
+        )
         for name, module, order, _, hook, *_ in picked
     )
     hooked = [(p.name, p.module) for p in sites]
@@ -222,7 +236,7 @@ def _resolve(
     around = tuple(enclosing(model, hooked))
     if keep and all(p.module is not model for p in sites):
         entries = [
-            (position, p.name, p.ref, p.order, p.sites)
+            (position, p.name, p.ref, p.order, p.sites, p.blank)
             for p, (*_, position) in zip(sites, picked, strict=True)
         ]
         kept = _Kept.make(inner, entries, around, globbed)
@@ -360,6 +374,10 @@ def _key_label(key: object) -> str:
     return repr(key) if isinstance(key, str) else f"a {type(key).__name__} module object"
 
 
+# A kept site: its key's position in the spec, then the fields of its `Planned` that stay.
+_Entry: TypeAlias = tuple[int, str, weakref.ref[nn.Module], int, dict[str, list[Site]], Capture]
+
+
 class _Kept:
     """A resolution of one tuple of keys on one model, kept for later runs (weakly)."""
 
@@ -367,7 +385,7 @@ class _Kept:
 
     def __init__(
         self,
-        entries: tuple[tuple[int, str, weakref.ref[nn.Module], int, dict[str, list[Site]]], ...],
+        entries: tuple[_Entry, ...],
         around: tuple[tuple[str, weakref.ref[nn.Module], bool], ...],
         checks: tuple[_Check, ...],
     ) -> None:
@@ -380,7 +398,7 @@ class _Kept:
     def make(
         cls,
         inner: nn.Module,
-        entries: list[tuple[int, str, weakref.ref[nn.Module], int, dict[str, list[Site]]]],
+        entries: list[_Entry],
         around: tuple[tuple[str, nn.Module, bool], ...],
         globbed: bool,
     ) -> _Kept | None:
@@ -418,7 +436,7 @@ class _Kept:
                 return None
         made: dict[int, Hook] = {}  # a glob's hook, made once for all its matches
         sites = []
-        for position, name, ref, order, kept_sites in self.entries:
+        for position, name, ref, order, kept_sites, blank in self.entries:
             module = ref()
             if module is None:
                 return None
@@ -432,7 +450,7 @@ class _Kept:
                 hook = found
                 if type(hook.edit) in _SPLICES:
                     return None  # its parts are named in this run: resolved with them
-            sites.append(_planned((name, module, hook, order, kept_sites, ref)))
+            sites.append(_planned((name, module, hook, order, kept_sites, ref, blank)))
         if not self.parallel and not compiler_loaded():
             # What is around the sites matters only for compiled code (none can exist before
             # torch.compile is loaded) and DataParallel threads.

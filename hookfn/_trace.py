@@ -340,7 +340,9 @@ class TraceMultiple(Mapping[str, "Trace"]):
 
     def _capture_of(self, name: str) -> Capture:
         recorder = self._recorders.get(name)
-        return Capture(name) if recorder is None else recorder.capture()  # (None: never entered)
+        if recorder is None or not recorder.hook.records:  # (None: never entered)
+            return self._by_name[name].blank
+        return recorder.capture()
 
     def captures(self) -> Captures:
         """The `Capture` of every traced layer, keyed by layer name, in model order (a
@@ -355,7 +357,10 @@ class TraceMultiple(Mapping[str, "Trace"]):
         for planned in self.sites:  # (`_capture_of` inlined: a call per layer costs 1% here)
             name = planned.name
             recorder = recorders.get(name)
-            result[name] = Capture(name) if recorder is None else recorder.capture()
+            if recorder is None or not planned.hook.records:
+                result[name] = planned.blank
+            else:
+                result[name] = recorder.capture()
             modules[name] = planned.ref
         return result
 

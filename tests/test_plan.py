@@ -123,6 +123,31 @@ def test_new_values_for_the_same_keys_are_used() -> None:
         torch.testing.assert_close(out, expected)
 
 
+def test_a_site_that_records_nothing_has_an_empty_capture_in_every_run() -> None:
+    # Its capture is one value, kept with the resolution: it must stay empty and named,
+    # while the sites beside it record this run's values, and a gradient asked for at an
+    # edit-only site is still recorded.
+    model, x = make_net(), torch.randn(2, 6)
+    for _ in range(3):
+        delta = torch.randn(6)
+        spec = {"0": Hook(add(delta), output=False), "1.0": "capture", "2": Hook(output=False)}
+        _, caches = run_with_hooks(model, x, spec)
+        with torch.no_grad():
+            want = raw_run(model, x, {"0": lambda h, d=delta: h + d}, capture=["1.0"])[1]
+        for name in ("0", "2"):
+            capture = caches[name]
+            assert (capture.name, capture.n_calls) == (name, 0)
+            assert (capture.raw_outputs, capture.grad_outputs) == ((), ())
+        torch.testing.assert_close(caches["1.0"].output, want["1.0"])
+    _, caches = run_with_hooks(
+        model, x, {"0": Hook(add(delta), output=False, grad=True)}, backward=lambda y: y.sum()
+    )
+    reference = model[0](x).detach().requires_grad_()
+    model[2](model[1](reference + delta)).sum().backward()
+    assert caches["0"].n_calls == 0
+    torch.testing.assert_close(caches["0"].grad_outputs[0], reference.grad)
+
+
 def test_a_layer_compiled_in_place_after_a_run_is_refused() -> None:
     model, x = make_net(), torch.randn(2, 6)
     run_with_hooks(model, x, NAMES)
