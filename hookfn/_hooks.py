@@ -214,8 +214,14 @@ class Recorder:
             if hook.edit.reads_input:  # type: ignore[union-attr]
                 self._insert(module._forward_hooks, self.edit_output_of_input, head=True)
                 module._forward_hooks_with_kwargs[self.keys[-1]] = True
-            else:
-                self._insert(module._forward_hooks, self.edit, head=True)
+            else:  # the most common edit: `_insert`, inlined
+                key = next(HOOK_KEYS)
+                self.keys.append(key)
+                hooks = module._forward_hooks
+                hooks[key] = self.edit
+                _HEADS.add(key)
+                if len(hooks) > 1:
+                    _put_first(hooks, key)
         if hook.captures_only and hook.plain_copy:  # the most common site: `_insert`, inlined
             key = next(HOOK_KEYS)
             self.keys.append(key)

@@ -101,16 +101,6 @@ def _parallels(around: Iterable[tuple[str, nn.Module, bool]]) -> tuple[nn.Module
 EMPTY = Plan((), ())
 
 
-def _planned(
-    fields: tuple[
-        str, nn.Module, Hook, int, dict[str, list[Site]], weakref.ref[nn.Module], Capture
-    ],
-) -> Planned:
-    """``Planned(*fields)`` without the named tuple's Python-level ``__new__`` (made for
-    every site of every run)."""
-    return tuple.__new__(Planned, fields)  # type: ignore[type-var]
-
-
 def plan(model: nn.Module, spec: object) -> tuple[Planned, ...]:
     """The sites of ``spec`` on ``model``, resolved and validated, in model order.
 
@@ -436,6 +426,7 @@ class _Kept:
                 return None
         made: dict[int, Hook] = {}  # a glob's hook, made once for all its matches
         sites = []
+        new = tuple.__new__  # (`Planned` without its Python-level `__new__`)
         for position, name, ref, order, kept_sites, blank in self.entries:
             module = ref()
             if module is None:
@@ -450,7 +441,7 @@ class _Kept:
                 hook = found
                 if type(hook.edit) in _SPLICES:
                     return None  # its parts are named in this run: resolved with them
-            sites.append(_planned((name, module, hook, order, kept_sites, ref, blank)))
+            sites.append(new(Planned, (name, module, hook, order, kept_sites, ref, blank)))
         if not self.parallel and not compiler_loaded():
             # What is around the sites matters only for compiled code (none can exist before
             # torch.compile is loaded) and DataParallel threads.
