@@ -14,8 +14,9 @@ One site of one run is a `Recorder`. Its body has two steps, each a hook on the 
 A site registers only the steps its `Hook` needs; a site that only captures its output with
 the default copy takes the shortest path, `Recorder.record`. The pre-hooks, and the forward
 hook of an edit that reads the module's input, are thin adapters around the same two steps;
-the edit of an output is the step itself, registered as a bound method (each Python frame
-on a hooked call runs cold, between the model's layers). One stop-early rule:
+the edit of an output is the step itself, registered as a bound method, and the step calls
+an edit's ``__call__`` by name, not through the instance (each frame on a hooked call runs
+cold, between the model's layers: the benchmarks measure it). One stop-early rule:
 a site is done when its last forward record of its first call is taken.
 """
 
@@ -344,7 +345,7 @@ class Recorder:
             raise no_primary(self.name, side.kind, value)
         try:
             if source is None:
-                y = edit.__call__(x, site)  # (the method itself: no call through the type)
+                y = edit.__call__(x, site)  # (by name: see the module docstring)
             else:
                 source_x = primary(source)
                 if source_x is None:
