@@ -195,12 +195,11 @@ def check_compiled(
     while isinstance(wrapper, optimized) and isinstance(wrapper._orig_mod, nn.Module):
         top.append(wrapper)
         wrapper = wrapper._orig_mod
-    bypassed = {id(m) for m in top}
     for name, module, is_site in path:
         # (runs once per run for every module on the way: kept to reads of the instance's
         # own attributes, where module.compile() and a compiled forward put theirs)
         if isinstance(module, optimized):
-            if is_site or id(module) in bypassed:
+            if is_site or module in top:  # (modules compare by identity)
                 continue  # hooks on a wrapper itself run eagerly, around its graph
             raise _wrapper_inside(name)
         state = module.__dict__
